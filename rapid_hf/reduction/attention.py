@@ -1,0 +1,29 @@
+"""Attention pieces token reduction needs: the proportional-attention bias and the CLS attention row."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def size_bias(sizes: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """Proportional attention as an additive bias `(B, 1, 1, N)`: `+log(size)` of each key token.
+
+    Returns None while every token stands for one patch (the bias would be zero), so attention keeps its
+    unmasked fast path until the first merge.
+    """
+    if sizes is None:
+        return None
+    return sizes.log().to(dtype)[:, None, None, :, 0]
+
+
+def cls_attention(query: Tensor, keys: Tensor, scaling: float, bias: Tensor | None) -> Tensor:
+    """Attention the CLS query pays to every token, averaged over heads: `(B, N)` in float32.
+
+    Computes only the CLS row, `softmax(q_cls K^T * scale + bias)`, in O(N d) per head, never the N x N map.
+    `query` and `keys` are `(B, heads, N, d)`.
+    """
+    logits = (query[:, :, :1] @ keys.transpose(-1, -2)).float() * scaling
+    if bias is not None:
+        logits = logits + bias.float()
+    return logits.softmax(dim=-1).mean(dim=1)[:, 0]

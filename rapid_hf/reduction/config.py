@@ -1,0 +1,151 @@
+"""`RapidConfig`: which token-reduction method runs, how many tokens each layer removes, and its knobs."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any, Literal
+
+Method = Literal["rapid", "tome", "tofu", "none"]
+METHODS: tuple[str, ...] = ("rapid", "tome", "tofu", "none")
+MERGE_MODES: tuple[str, ...] = ("mean", "mlerp")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _fail(name: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"RapidConfig.{name}={value!r} is invalid: expected {allowed}")
+
+
+@dataclass(frozen=True)
+class RapidConfig:
+    """Token-reduction settings of a Rapid model (DESIGN.md); defaults are the paper's.
+
+    Args:
+        method: "rapid" (prune shallow, importance-aware merge deep), "tome", "tofu", or "none" (no reduction).
+        r: tokens removed per layer: an int, a per-layer list, or ToMe's `(r, inflection)` linear schedule.
+        output_tokens: instead of `r`, the number of tokens that should leave the last layer; solved to a
+            near-constant schedule for the actual input size.
+        switch_layer: first merging layer (RAPID's K, ToFu's switch). None: 4 for RAPID (the paper's K for
+            12 layers, scaled as round(L/3) for other depths), L // 2 for ToFu.
+        prune_threshold: RAPID's tau in eq. (1), a cosine similarity in [-1, 1].
+        importance_ratio: RAPID's rho: the top fraction of patch tokens (by CLS attention) that sets theta.
+        importance_weight: RAPID's lambda in eq. (2), >= 0.
+        prop_attn: add `log(size)` of each key to attention logits (ToMe's proportional attention).
+        merge_mode: "mean" (size-weighted) or "mlerp" (ToFu's norm-preserving). None: "mlerp" for ToFu,
+            "mean" otherwise.
+    """
+
+    method: Method = "rapid"
+    r: int | list[int] | tuple[int, float] = 0
+    output_tokens: int | None = None
+    switch_layer: int | None = None
+    prune_threshold: float = 0.7
+    importance_ratio: float = 0.2
+    importance_weight: float = 50.0
+    prop_attn: bool = True
+    merge_mode: Literal["mean", "mlerp"] | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            _fail("method", self.method, f"one of {', '.join(METHODS)}")
+        object.__setattr__(self, "r", _normalise_r(self.r))
+        if self.output_tokens is not None:
+            if not _is_int(self.output_tokens) or self.output_tokens < 1:
+                _fail("output_tokens", self.output_tokens, "an int >= 1 or None")
+            if self.r != 0:
+                _fail("output_tokens", self.output_tokens, "None when r is set (give r or output_tokens, not both)")
+        if self.switch_layer is not None and (not _is_int(self.switch_layer) or self.switch_layer < 0):
+            _fail("switch_layer", self.switch_layer, "an int >= 0 (at most the number of layers) or None")
+        if not _is_number(self.prune_threshold) or not -1.0 <= self.prune_threshold <= 1.0:
+            _fail("prune_threshold", self.prune_threshold, "a number in [-1, 1] (a cosine similarity)")
+        if not _is_number(self.importance_ratio) or not 0.0 < self.importance_ratio <= 1.0:
+            _fail("importance_ratio", self.importance_ratio, "a number in (0, 1]")
+        if not _is_number(self.importance_weight) or self.importance_weight < 0:
+            _fail("importance_weight", self.importance_weight, "a number >= 0")
+        if not isinstance(self.prop_attn, bool):
+            _fail("prop_attn", self.prop_attn, "True or False")
+        if self.merge_mode is not None and self.merge_mode not in MERGE_MODES:
+            _fail("merge_mode", self.merge_mode, "'mean', 'mlerp' or None")
+
+    @property
+    def reduces(self) -> bool:
+        """Whether any token can be removed at all."""
+        if self.method == "none":
+            return False
+        if self.output_tokens is not None:
+            return True
+        if isinstance(self.r, tuple):
+            return self.r[0] > 0
+        return any(self.r) if isinstance(self.r, list) else self.r > 0
+
+    def resolved_merge_mode(self) -> Literal["mean", "mlerp"]:
+        if self.merge_mode is not None:
+            return self.merge_mode
+        return "mlerp" if self.method == "tofu" else "mean"
+
+    def resolved_switch_layer(self, num_layers: int) -> int:
+        if self.switch_layer is not None:
+            return self.switch_layer
+        return num_layers // 2 if self.method == "tofu" else round(num_layers / 3)
+
+    def validate_for_model(self, num_layers: int, num_tokens: int, num_protected: int) -> None:
+        """Checks that need the model: list length, switch layer range, reachable output tokens."""
+        from rapid_hf.reduction.schedule import expand_schedule, schedule_for_output_tokens
+
+        if isinstance(self.r, list):
+            expand_schedule(self.r, num_layers)
+        if self.switch_layer is not None and self.switch_layer > num_layers:
+            _fail("switch_layer", self.switch_layer, f"an int in [0, {num_layers}] for this {num_layers}-layer model")
+        if self.output_tokens is not None and self.method != "none":
+            schedule_for_output_tokens(num_tokens, num_layers, num_protected, self.output_tokens)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly dict (what `save_pretrained` writes under `rapid` in config.json)."""
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        if isinstance(self.r, tuple):
+            data["r"] = [self.r[0], float(self.r[1])]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RapidConfig:
+        """Inverse of `to_dict`; unknown keys are an error naming them."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"rapid settings must be a mapping, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown RapidConfig field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**dict(data))
+
+    def replace(self, **changes: Any) -> RapidConfig:
+        """A copy with some fields changed (validated again)."""
+        return RapidConfig.from_dict({**self.to_dict(), **changes})
+
+
+def _normalise_r(r: Any) -> int | list[int] | tuple[int, float]:
+    """Accept the three r forms (and the JSON form `[r, inflection]` of the tuple); reject everything else."""
+    allowed = "an int >= 0, a list of ints >= 0 (one per layer), or an (r: int >= 0, inflection: float in [-1, 1]) tuple"
+    if _is_int(r):
+        if r < 0:
+            _fail("r", r, allowed)
+        return r
+    if isinstance(r, tuple | list) and len(r) == 2 and isinstance(r[1], float):
+        base, inflection = r
+        if not _is_int(base) or base < 0 or not math.isfinite(inflection) or not -1.0 <= inflection <= 1.0:
+            _fail("r", r, allowed)
+        return (base, inflection)
+    if isinstance(r, tuple | list) and all(_is_int(v) and v >= 0 for v in r):
+        return list(r)
+    _fail("r", r, allowed)
+    raise AssertionError  # unreachable
+
+
+__all__ = ["MERGE_MODES", "METHODS", "Method", "RapidConfig"]

@@ -1,0 +1,80 @@
+"""Per-layer plan builders for each method (DESIGN.md): pure functions of the similarity scores.
+
+Every builder takes the bipartite similarity `S` `(B, |A|, |B|)` from `bipartite_similarity` (protected rows and
+columns already at -inf) and the number of tokens to remove, and returns a `ReductionPlan`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from rapid_hf.reduction.matching import rank_descending
+from rapid_hf.reduction.plan import ReductionPlan, plan_from_ranking
+
+
+@torch.no_grad()
+def similarity_merge_plan(scores: Tensor, r: int, num_protected: int) -> ReductionPlan:
+    """ToMe: merge the `r` sources with the highest `max_j S_ij` into their most similar destination."""
+    best_score, best_destination = scores.max(dim=-1)
+    return plan_from_ranking(rank_descending(best_score), r, num_protected, best_destination)
+
+
+@torch.no_grad()
+def similarity_prune_plan(scores: Tensor, r: int, num_protected: int) -> ReductionPlan:
+    """ToFu's pruning stage: drop the `r` sources with the highest `max_j S_ij`."""
+    best_score = scores.max(dim=-1).values
+    return plan_from_ranking(rank_descending(best_score), r, num_protected, None)
+
+
+def redundancy_scores(scores: Tensor, threshold: float) -> Tensor:
+    """RAPID eq. (1): `score_i = sum_j max(0, S_ij - tau)`; the CLS row is -inf so it is never pruned."""
+    redundancy = (scores - threshold).clamp_min(0).sum(dim=-1)
+    redundancy[:, 0] = -torch.inf
+    return redundancy
+
+
+@torch.no_grad()
+def redundancy_prune_plan(scores: Tensor, r: int, num_protected: int, threshold: float) -> ReductionPlan:
+    """RAPID stage 1: prune the `r` sources most redundant with the destinations (eq. 1); ties by index."""
+    return plan_from_ranking(rank_descending(redundancy_scores(scores, threshold)), r, num_protected, None)
+
+
+def importance_threshold(cls_attention: Tensor, num_protected: int, importance_ratio: float) -> Tensor:
+    """`theta` `(B, 1)`: the k-th largest CLS attention over patch tokens, `k = ceil(rho * N_patch)`."""
+    patch_attention = cls_attention[:, num_protected:]
+    k = min(patch_attention.shape[1], max(1, math.ceil(importance_ratio * patch_attention.shape[1])))
+    return patch_attention.topk(k, dim=-1).values[:, -1:]
+
+
+def importance_adjusted_scores(
+    scores: Tensor, cls_attention: Tensor, num_protected: int, importance_ratio: float, importance_weight: float
+) -> tuple[Tensor, Tensor]:
+    """RAPID eq. (2)-(3): best destination of each source and its score `S'_{i j*(i)}`.
+
+    `S'_ij = S_ij - lambda (a_i - theta)` shifts a whole row by a constant, so `j*(i) = argmax_j S_ij` and
+    `S'_{i j*} = max_j S_ij - lambda (a_i - theta)`: the adjusted matrix is never materialised.
+    """
+    best_score, best_destination = scores.max(dim=-1)
+    theta = importance_threshold(cls_attention, num_protected, importance_ratio)
+    source_attention = cls_attention[:, 0::2].to(best_score.dtype)
+    adjusted = best_score - importance_weight * (source_attention - theta.to(best_score.dtype))
+    return adjusted, best_destination
+
+
+@torch.no_grad()
+def importance_merge_plan(
+    scores: Tensor,
+    r: int,
+    num_protected: int,
+    cls_attention: Tensor,
+    importance_ratio: float,
+    importance_weight: float,
+) -> ReductionPlan:
+    """RAPID stage 2 (eq. 2-4): merge the `r` sources with the highest importance-adjusted similarity."""
+    adjusted, best_destination = importance_adjusted_scores(
+        scores, cls_attention, num_protected, importance_ratio, importance_weight
+    )
+    return plan_from_ranking(rank_descending(adjusted), r, num_protected, best_destination)

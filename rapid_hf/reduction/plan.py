@@ -1,0 +1,117 @@
+"""A reduction plan: which source tokens leave a layer and, when merged, where they go.
+
+A plan is computed once per layer from the similarity metric and then applied to every per-token tensor
+(hidden states, sizes, source maps), the way ToMe's `merge` closures are, but as an explicit immutable value.
+
+Token order after a step is `[kept sources (ascending), destinations]`, except that a distillation token
+(destination 0) is moved back to index 1, so CLS stays first and the distillation token second.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+MergeMode = Literal["mean", "mlerp"]
+
+
+def gather_tokens(tokens: Tensor, index: Tensor) -> Tensor:
+    """`tokens[b, index[b, i], :]` for `(B, N, C)` tokens and `(B, n)` indices."""
+    return tokens.gather(1, expand_index(index, tokens))
+
+
+def expand_index(index: Tensor, tokens: Tensor) -> Tensor:
+    """Broadcast `(B, n)` token indices over the channel dimension of `tokens`."""
+    return index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])
+
+
+@dataclass(frozen=True)
+class ReductionPlan:
+    """Indices describing one token-reduction step for a batch.
+
+    Attributes:
+        kept: `(B, |A| - r)` indices of the sources that stay, ascending (CLS first).
+        removed: `(B, r)` indices of the sources that leave.
+        destinations: `(B, r)` destination index (into B) of each removed source, or None when they are pruned.
+        num_protected: 1 (CLS) or 2 (CLS + distillation token).
+    """
+
+    kept: Tensor
+    removed: Tensor
+    destinations: Tensor | None
+    num_protected: int
+
+    @property
+    def r(self) -> int:
+        return self.removed.shape[1]
+
+    @property
+    def is_pruning(self) -> bool:
+        return self.destinations is None
+
+    def assemble(self, kept: Tensor, destinations: Tensor) -> Tensor:
+        if self.num_protected == 2:
+            return torch.cat([kept[:, :1], destinations[:, :1], kept[:, 1:], destinations[:, 1:]], dim=1)
+        return torch.cat([kept, destinations], dim=1)
+
+    def sum_into_destinations(self, tokens: Tensor) -> Tensor:
+        """Apply the plan to `(B, N, C)` tokens, adding each merged source into its destination.
+
+        For a pruning plan the removed sources are simply dropped. Used for sizes and source maps.
+        """
+        sources, destinations = tokens[:, 0::2], tokens[:, 1::2]
+        if self.destinations is not None:
+            destinations = destinations.scatter_add(
+                1, expand_index(self.destinations, tokens), gather_tokens(sources, self.removed)
+            )
+        return self.assemble(gather_tokens(sources, self.kept), destinations)
+
+
+def plan_from_ranking(
+    order: Tensor, r: int, num_protected: int, best_destination: Tensor | None
+) -> ReductionPlan:
+    """Build a plan removing the first `r` sources of `order` (a per-row ranking of source indices)."""
+    removed = order[:, :r]
+    kept = order[:, r:].sort(dim=-1).values
+    destinations = None if best_destination is None else best_destination.gather(1, removed)
+    return ReductionPlan(kept=kept, removed=removed, destinations=destinations, num_protected=num_protected)
+
+
+def apply_plan(
+    plan: ReductionPlan, hidden: Tensor, sizes: Tensor | None, mode: MergeMode = "mean"
+) -> tuple[Tensor, Tensor | None]:
+    """Reduce `hidden` `(B, N, C)` and float32 `sizes` `(B, N, 1)` (None = all ones) with `plan`.
+
+    Pruning drops tokens and leaves sizes alone. Merging is ToMe's size-weighted average
+    (`x_dst = (s_dst x_dst + s_src x_src) / (s_dst + s_src)`, sizes add), computed with weights
+    `size / group size` so half precision never overflows and untouched tokens stay bit-exact. With
+    `mode="mlerp"` (ToFu) each merged token is rescaled to the largest norm among the tokens it combines.
+    """
+    if mode not in ("mean", "mlerp"):
+        raise ValueError(f"merge mode must be 'mean' or 'mlerp', got {mode!r}")
+    if plan.destinations is None:
+        return plan.sum_into_destinations(hidden), None if sizes is None else plan.sum_into_destinations(sizes)
+    if sizes is None:
+        sizes = hidden.new_ones(*hidden.shape[:2], 1, dtype=torch.float32)
+    source_sizes, destination_sizes = sizes[:, 0::2], sizes[:, 1::2]
+    removed_sizes = gather_tokens(source_sizes, plan.removed)
+    totals = destination_sizes.scatter_add(1, plan.destinations.unsqueeze(-1), removed_sizes)
+
+    sources, destinations = hidden[:, 0::2], hidden[:, 1::2]
+    removed = gather_tokens(sources, plan.removed)
+    removed_weights = removed_sizes / totals.gather(1, plan.destinations.unsqueeze(-1))
+    index = expand_index(plan.destinations, hidden)
+    merged = (destinations * (destination_sizes / totals).to(hidden.dtype)).scatter_add(
+        1, index, removed * removed_weights.to(hidden.dtype)
+    )
+    if mode == "mlerp":
+        max_norms = destinations.norm(dim=-1, keepdim=True).scatter_reduce(
+            1, plan.destinations.unsqueeze(-1), removed.norm(dim=-1, keepdim=True), reduce="amax", include_self=True
+        )
+        merged_norms = merged.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(merged.dtype).tiny)
+        merged = torch.where(totals > destination_sizes, merged * (max_norms / merged_norms), merged)
+    kept_sizes = gather_tokens(source_sizes, plan.kept)
+    return plan.assemble(gather_tokens(sources, plan.kept), merged), plan.assemble(kept_sizes, totals)

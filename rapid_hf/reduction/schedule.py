@@ -1,0 +1,81 @@
+"""Per-layer `r` schedules (ToMe conventions) and solvers for targets users think in (output tokens).
+
+All functions are pure: they take the token count entering the encoder, the number of layers and the number of
+protected tokens, so schedules adapt to any input resolution.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from rapid_hf.reduction.matching import removal_cap
+
+RSpec = int | Sequence[int] | tuple[int, float]
+
+
+def expand_schedule(r: RSpec, num_layers: int) -> list[int]:
+    """Per-layer requested `r` from an int (constant), a per-layer list, or ToMe's `(r, inflection)`.
+
+    `(r, inflection)` is ToMe's linear schedule: inflection 0 is constant, +1 decreases from `2r` to 0,
+    -1 increases from 0 to `2r`; the mean stays about `r`.
+    """
+    if isinstance(r, bool):
+        raise ValueError(f"r must be an int, a per-layer list or an (r, inflection) tuple, got {r!r}")
+    if isinstance(r, int):
+        return [r] * num_layers
+    if isinstance(r, tuple) and len(r) == 2 and isinstance(r[1], float):
+        base, inflection = r
+        low = int(base * (1.0 - inflection))
+        high = 2 * base - low
+        step = (high - low) / max(1, num_layers - 1)
+        return [max(0, int(low + step * layer)) for layer in range(num_layers)]
+    values = list(r)
+    if len(values) != num_layers:
+        raise ValueError(f"r: a per-layer list needs one value per layer ({num_layers}), got {len(values)}")
+    return values
+
+
+def token_counts(num_tokens: int, schedule: Sequence[int], num_protected: int) -> list[int]:
+    """Tokens after each layer: `N_l = N_{l-1} - min(r_l, (N_{l-1} - protected) // 2)`."""
+    counts = []
+    for r in schedule:
+        num_tokens -= min(r, removal_cap(num_tokens, num_protected))
+        counts.append(num_tokens)
+    return counts
+
+
+def effective_schedule(num_tokens: int, schedule: Sequence[int], num_protected: int) -> list[int]:
+    """The `r` each layer actually removes once capped."""
+    counts = token_counts(num_tokens, schedule, num_protected)
+    return [before - after for before, after in zip([num_tokens, *counts[:-1]], counts, strict=True)]
+
+
+def min_output_tokens(num_tokens: int, num_layers: int, num_protected: int) -> int:
+    """Fewest tokens reachable by removing the cap at every layer."""
+    return token_counts(num_tokens, [num_tokens] * num_layers, num_protected)[-1] if num_layers else num_tokens
+
+
+def schedule_for_output_tokens(num_tokens: int, num_layers: int, num_protected: int, target: int) -> list[int]:
+    """A near-constant schedule ending at exactly `target` tokens, removing as evenly as the caps allow.
+
+    Each layer removes `ceil(remaining / layers_left)` unless a later cap forces it to remove more now.
+    Raises ValueError when `target` is outside `[min_output_tokens, num_tokens]`.
+    """
+    lowest = min_output_tokens(num_tokens, num_layers, num_protected)
+    if not lowest <= target <= num_tokens:
+        raise ValueError(
+            f"output_tokens={target} cannot be reached: with {num_tokens} input tokens, {num_layers} layers and "
+            f"{num_protected} protected token(s) the reachable range is [{lowest}, {num_tokens}]"
+        )
+    schedule = []
+    current = num_tokens
+    for layer in range(num_layers):
+        remaining = current - target
+        layers_left = num_layers - layer
+        r = min(math.ceil(remaining / layers_left), removal_cap(current, num_protected))
+        while min_output_tokens(current - r, layers_left - 1, num_protected) > target:
+            r += 1
+        schedule.append(r)
+        current -= r
+    return schedule

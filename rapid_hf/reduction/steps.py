@@ -1,0 +1,123 @@
+"""What each layer does for a given `RapidConfig`, and one reduction step as a pure tensor function.
+
+The model adapter calls `layer_steps` once per forward (schedules depend on the input's token count) and
+`reduce_tokens` inside each layer, after the attention residual and before the MLP.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from torch import Tensor
+
+from rapid_hf.reduction.attention import cls_attention
+from rapid_hf.reduction.config import RapidConfig
+from rapid_hf.reduction.matching import bipartite_similarity, matching_metric, removal_cap
+from rapid_hf.reduction.methods import (
+    importance_merge_plan,
+    redundancy_prune_plan,
+    similarity_merge_plan,
+    similarity_prune_plan,
+)
+from rapid_hf.reduction.plan import MergeMode, ReductionPlan, apply_plan
+from rapid_hf.reduction.schedule import expand_schedule, schedule_for_output_tokens
+
+Operation = Literal["prune_redundant", "merge_important", "prune_similar", "merge_similar"]
+
+
+@dataclass(frozen=True)
+class LayerStep:
+    """One layer's reduction: the operation, the requested r (capped at run time) and the merge mode."""
+
+    operation: Operation | None
+    r: int
+    merge_mode: MergeMode = "mean"
+    prune_threshold: float = 0.7
+    importance_ratio: float = 0.2
+    importance_weight: float = 50.0
+
+    @property
+    def needs_cls_attention(self) -> bool:
+        return self.operation == "merge_important"
+
+
+def requested_schedule(config: RapidConfig, num_tokens: int, num_layers: int, num_protected: int) -> list[int]:
+    """Per-layer requested r for an input of `num_tokens` tokens (before caps)."""
+    if config.method == "none":
+        return [0] * num_layers
+    if config.output_tokens is not None:
+        return schedule_for_output_tokens(num_tokens, num_layers, num_protected, config.output_tokens)
+    return expand_schedule(config.r, num_layers)
+
+
+def layer_operation(config: RapidConfig, layer: int, num_layers: int) -> Operation | None:
+    """The method's operation at `layer` (DESIGN.md): RAPID and ToFu switch from pruning to merging."""
+    if config.method == "none":
+        return None
+    if config.method == "tome":
+        return "merge_similar"
+    before_switch = layer < config.resolved_switch_layer(num_layers)
+    if config.method == "rapid":
+        return "prune_redundant" if before_switch else "merge_important"
+    return "prune_similar" if before_switch else "merge_similar"
+
+
+def layer_steps(config: RapidConfig, num_tokens: int, num_layers: int, num_protected: int) -> list[LayerStep]:
+    """Every layer's step for an input of `num_tokens` tokens."""
+    schedule = requested_schedule(config, num_tokens, num_layers, num_protected)
+    mode = config.resolved_merge_mode()
+    return [
+        LayerStep(
+            operation=layer_operation(config, layer, num_layers) if r > 0 else None,
+            r=r,
+            merge_mode=mode,
+            prune_threshold=config.prune_threshold,
+            importance_ratio=config.importance_ratio,
+            importance_weight=config.importance_weight,
+        )
+        for layer, r in enumerate(schedule)
+    ]
+
+
+def build_plan(
+    step: LayerStep,
+    keys: Tensor,
+    query: Tensor,
+    scaling: float,
+    attention_bias: Tensor | None,
+    num_protected: int,
+) -> ReductionPlan | None:
+    """The plan for one layer from its keys `(B, heads, N, d)` (and CLS query when RAPID merges)."""
+    r = min(step.r, removal_cap(keys.shape[2], num_protected))
+    if step.operation is None or r == 0:
+        return None
+    scores = bipartite_similarity(matching_metric(keys), num_protected)
+    if step.operation == "merge_similar":
+        return similarity_merge_plan(scores, r, num_protected)
+    if step.operation == "prune_similar":
+        return similarity_prune_plan(scores, r, num_protected)
+    if step.operation == "prune_redundant":
+        return redundancy_prune_plan(scores, r, num_protected, step.prune_threshold)
+    attention = cls_attention(query, keys, scaling, attention_bias)
+    return importance_merge_plan(
+        scores, r, num_protected, attention, step.importance_ratio, step.importance_weight
+    )
+
+
+def reduce_tokens(
+    step: LayerStep,
+    hidden: Tensor,
+    sizes: Tensor | None,
+    keys: Tensor,
+    query: Tensor,
+    scaling: float,
+    attention_bias: Tensor | None,
+    num_protected: int,
+) -> tuple[Tensor, Tensor | None, ReductionPlan | None]:
+    """One reduction step: returns the reduced hidden states, sizes and the plan (None if nothing moved)."""
+    plan = build_plan(step, keys, query, scaling, attention_bias, num_protected)
+    if plan is None:
+        return hidden, sizes, None
+    hidden, sizes = apply_plan(plan, hidden, sizes, step.merge_mode)
+    return hidden, sizes, plan
