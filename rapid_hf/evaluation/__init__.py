@@ -1,0 +1,1 @@
+"""Evaluation helpers: fidelity to the unreduced model, data splits, accuracy, throughput, FLOPs."""
