@@ -6,7 +6,7 @@ protected tokens, so schedules adapt to any input resolution.
 
 from __future__ import annotations
 
-import math
+import functools
 from collections.abc import Sequence
 
 from rapid_hf.reduction.matching import removal_cap
@@ -57,10 +57,12 @@ def min_output_tokens(num_tokens: int, num_layers: int, num_protected: int) -> i
 
 
 def schedule_for_output_tokens(num_tokens: int, num_layers: int, num_protected: int, target: int) -> list[int]:
-    """A near-constant schedule ending at exactly `target` tokens, removing as evenly as the caps allow.
+    """The most even schedule ending at exactly `target` tokens: `r` on the first k layers, `r - 1` after.
 
-    Each layer removes `ceil(remaining / layers_left)` unless a later cap forces it to remove more now.
-    Raises ValueError when `target` is outside `[min_output_tokens, num_tokens]`.
+    `r` is the smallest constant that reaches `target`; the final count falls by 0 or 1 each time one more
+    layer takes `r` instead of `r - 1`, so some k lands on `target` exactly. Front-loading the larger value
+    removes tokens early, where it saves the most compute. Raises ValueError when `target` is outside
+    `[min_output_tokens, num_tokens]`.
     """
     lowest = min_output_tokens(num_tokens, num_layers, num_protected)
     if not lowest <= target <= num_tokens:
@@ -68,14 +70,24 @@ def schedule_for_output_tokens(num_tokens: int, num_layers: int, num_protected: 
             f"output_tokens={target} cannot be reached: with {num_tokens} input tokens, {num_layers} layers and "
             f"{num_protected} protected token(s) the reachable range is [{lowest}, {num_tokens}]"
         )
-    schedule = []
-    current = num_tokens
-    for layer in range(num_layers):
-        remaining = current - target
-        layers_left = num_layers - layer
-        r = min(math.ceil(remaining / layers_left), removal_cap(current, num_protected))
-        while min_output_tokens(current - r, layers_left - 1, num_protected) > target:
-            r += 1
-        schedule.append(r)
-        current -= r
-    return schedule
+    return list(_even_schedule(num_tokens, num_layers, num_protected, target))
+
+
+@functools.lru_cache(maxsize=256)
+def _even_schedule(num_tokens: int, num_layers: int, num_protected: int, target: int) -> tuple[int, ...]:
+    def final(schedule: Sequence[int]) -> int:
+        return token_counts(num_tokens, schedule, num_protected)[-1] if schedule else num_tokens
+
+    low, high = 0, num_tokens  # final([high] * L) <= target is guaranteed by the range check
+    while low < high:
+        middle = (low + high) // 2
+        if final([middle] * num_layers) <= target:
+            high = middle
+        else:
+            low = middle + 1
+    r = low
+    for k in range(num_layers + 1):
+        schedule = [r] * k + [max(0, r - 1)] * (num_layers - k)
+        if final(schedule) == target:
+            return tuple(schedule)
+    raise AssertionError(f"no schedule reaches {target} tokens")  # impossible: see docstring
