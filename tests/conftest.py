@@ -7,10 +7,17 @@ exercise the real weights.
 from __future__ import annotations
 
 import os
+
+# One intra-op thread per process (inherited by the subprocess tests): the models under test are small, and on
+# a 2-core machine several processes with several OpenMP threads each spend most of their time waiting.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 from pathlib import Path
 
 import pytest
 import torch
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ASSETS = Path(os.environ.get("RAPID_HF_ASSETS", REPO_ROOT.parent / "shared" / "assets"))

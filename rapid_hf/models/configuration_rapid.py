@@ -6,6 +6,7 @@ They have their own `model_type` ("rapid_vit", "rapid_deit") so Auto classes fin
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from transformers import DeiTConfig, ViTConfig
@@ -19,6 +20,8 @@ class _RapidConfigMixin:
     model_type: str
     source_model_types: tuple[str, ...]
     rapid_class_hint: str
+    num_protected_tokens: int
+    rapid: dict | None
 
     @classmethod
     def get_config_dict(cls, pretrained_model_name_or_path: Any, **kwargs: Any) -> tuple[dict[str, Any], dict]:
@@ -31,9 +34,21 @@ class _RapidConfigMixin:
                 f"{pretrained_model_name_or_path!r} is a {model_type!r} checkpoint, not a "
                 f"{'/'.join(cls.source_model_types)} image classifier: {cls.rapid_class_hint}"
             )
-        if config_dict.get("rapid") is not None:
-            RapidConfig.from_dict(config_dict["rapid"])  # fail at load time, naming the bad field
         return config_dict, kwargs
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        super().__post_init__(**kwargs)
+        if self.rapid is not None:  # fail at construction and load time (also via AutoConfig), naming the field
+            image, patch = as_pair(self.image_size), as_pair(self.patch_size)
+            num_tokens = (image[0] // patch[0]) * (image[1] // patch[1]) + self.num_protected_tokens
+            RapidConfig.from_dict(self.rapid).validate_for_model(
+                num_layers=self.num_hidden_layers, num_tokens=num_tokens, num_protected=self.num_protected_tokens
+            )
+
+
+def as_pair(size: int | Sequence[int]) -> tuple[int, int]:
+    """`image_size`/`patch_size` of a ViT config (an int or a pair) as (height, width)."""
+    return (size, size) if isinstance(size, int) else (size[0], size[1])
 
 
 class RapidViTConfig(_RapidConfigMixin, ViTConfig):
@@ -41,6 +56,7 @@ class RapidViTConfig(_RapidConfigMixin, ViTConfig):
 
     model_type = "rapid_vit"
     source_model_types = ("vit",)
+    num_protected_tokens = 1
     rapid_class_hint = (
         "RapidViTForImageClassification loads `vit` checkpoints (google/vit-*, facebook/deit-*-patch16-224); "
         "use RapidDeiT* classes for `deit` (distilled) checkpoints"
@@ -54,6 +70,7 @@ class RapidDeiTConfig(_RapidConfigMixin, DeiTConfig):
 
     model_type = "rapid_deit"
     source_model_types = ("deit",)
+    num_protected_tokens = 2
     rapid_class_hint = (
         "RapidDeiT* classes load `deit` checkpoints (facebook/deit-*-distilled-*); "
         "use RapidViTForImageClassification for `vit` checkpoints"

@@ -20,7 +20,7 @@ from transformers.models.deit.modeling_deit import DeiTForImageClassificationWit
 from transformers.utils.generic import can_return_tuple
 
 from rapid_hf.models.configuration_rapid import RapidDeiTConfig, RapidViTConfig
-from rapid_hf.models.encoder import ReducedEncoderOutput, reduced_encoder_forward
+from rapid_hf.models.encoder import ReducedEncoderOutput, check_attention_implementation, reduced_encoder_forward
 from rapid_hf.reduction.config import RapidConfig
 
 
@@ -30,18 +30,41 @@ class RapidImageClassifierOutput(ImageClassifierOutput):
 
     token_counts: tokens after each layer (same for every image of the batch).
     sizes: `(batch, tokens)` how many input tokens each output token stands for.
+
+    Only with `output_sources=True` (P = patches of the input's grid, row-major; CLS/distillation are not patches):
+    sources: `(batch, tokens, P)` bool, the patches each output token stands for (protected rows all False).
+    layer_sources: one `(batch, tokens_l, P)` bool per layer, the sources after that layer's reduction.
+
+    Only with `output_dense=True`:
+    dense_features: `(batch, P, hidden)` each patch's output-token feature (zeros where pruned), for dense heads.
+
+    With either: pruned_at: `(batch, P)` long, the layer whose reduction pruned each patch; -1 if never pruned.
     """
 
     token_counts: tuple[int, ...] | None = None
     sizes: torch.FloatTensor | None = None
+    sources: torch.BoolTensor | None = None
+    pruned_at: torch.LongTensor | None = None
+    layer_sources: tuple[torch.BoolTensor, ...] | None = None
+    dense_features: torch.FloatTensor | None = None
 
 
 @dataclass
 class RapidDeiTWithTeacherOutput(DeiTForImageClassificationWithTeacherOutput):
-    """`DeiTForImageClassificationWithTeacherOutput` plus `token_counts` and `sizes`."""
+    """`DeiTForImageClassificationWithTeacherOutput` plus the fields of `RapidImageClassifierOutput`."""
 
     token_counts: tuple[int, ...] | None = None
     sizes: torch.FloatTensor | None = None
+    sources: torch.BoolTensor | None = None
+    pruned_at: torch.LongTensor | None = None
+    layer_sources: tuple[torch.BoolTensor, ...] | None = None
+    dense_features: torch.FloatTensor | None = None
+
+
+FORWARD_OPTIONS = frozenset(
+    {"output_hidden_states", "output_attentions", "return_dict", "output_sources", "output_dense"}
+)
+"""Keyword arguments the Rapid forwards accept besides pixel_values, labels, interpolate_pos_encoding."""
 
 
 class RapidModelMixin:
@@ -67,6 +90,7 @@ class RapidModelMixin:
             num_tokens=self._backbone.embeddings.patch_embeddings.num_patches + self.num_protected_tokens,
             num_protected=self.num_protected_tokens,
         )
+        check_attention_implementation(self.config._attn_implementation, rapid)
         self._rapid = rapid
         self.config.rapid = rapid.to_dict()
 
@@ -92,7 +116,7 @@ class RapidModelMixin:
     ) -> ReducedEncoderOutput:
         if attention_mask is not None:
             raise ValueError("attention_mask is not supported by Rapid models: ViT attends to every patch token")
-        unsupported = sorted(set(kwargs) - {"output_hidden_states", "output_attentions", "return_dict"})
+        unsupported = sorted(set(kwargs) - FORWARD_OPTIONS)
         if unsupported:
             raise ValueError(f"unsupported forward argument(s) {unsupported}")
         return reduced_encoder_forward(
@@ -103,7 +127,21 @@ class RapidModelMixin:
             interpolate_pos_encoding=bool(interpolate_pos_encoding),
             output_hidden_states=bool(kwargs.get("output_hidden_states", self.config.output_hidden_states)),
             output_attentions=bool(kwargs.get("output_attentions", self.config.output_attentions)),
+            output_sources=bool(kwargs.get("output_sources", False)),
+            output_dense=bool(kwargs.get("output_dense", False)),
         )
+
+    @staticmethod
+    def _reduction_fields(encoded: ReducedEncoderOutput) -> dict[str, Any]:
+        """The output fields that describe the reduction (trace fields are None unless requested)."""
+        return {
+            "token_counts": encoded.token_counts,
+            "sizes": encoded.sizes,
+            "sources": encoded.sources,
+            "pruned_at": encoded.pruned_at,
+            "layer_sources": encoded.layer_sources,
+            "dense_features": encoded.dense_features,
+        }
 
 
 class _RapidSingleHeadMixin(RapidModelMixin):
@@ -126,8 +164,7 @@ class _RapidSingleHeadMixin(RapidModelMixin):
             logits=logits,
             hidden_states=encoded.hidden_states,
             attentions=encoded.attentions,
-            token_counts=encoded.token_counts,
-            sizes=encoded.sizes,
+            **self._reduction_fields(encoded),
         )
 
 
@@ -183,6 +220,5 @@ class RapidDeiTForImageClassificationWithTeacher(RapidModelMixin, DeiTForImageCl
             distillation_logits=distillation_logits,
             hidden_states=encoded.hidden_states,
             attentions=encoded.attentions,
-            token_counts=encoded.token_counts,
-            sizes=encoded.sizes,
+            **self._reduction_fields(encoded),
         )

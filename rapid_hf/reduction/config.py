@@ -7,8 +7,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
-Method = Literal["rapid", "tome", "tofu", "none"]
-METHODS: tuple[str, ...] = ("rapid", "tome", "tofu", "none")
+Method = Literal["rapid", "tome", "tofu", "crucial", "none"]
+METHODS: tuple[str, ...] = ("rapid", "tome", "tofu", "crucial", "none")
+AUTO = "auto"
 MERGE_MODES: tuple[str, ...] = ("mean", "mlerp")
 
 
@@ -29,14 +30,18 @@ class RapidConfig:
     """Token-reduction settings of a Rapid model (DESIGN.md); defaults are the paper's.
 
     Args:
-        method: "rapid" (prune shallow, importance-aware merge deep), "tome", "tofu", or "none" (no reduction).
+        method: "rapid" (prune shallow, importance-aware merge deep), "tome", "tofu", "crucial" (merge the least
+            important tokens into the most important, crucial, ones), or "none" (no reduction).
         r: tokens removed per layer: an int, a per-layer list, or ToMe's `(r, inflection)` linear schedule.
         output_tokens: instead of `r`, the number of tokens that should leave the last layer; solved to a
             near-constant schedule for the actual input size.
         switch_layer: first merging layer (RAPID's K, ToFu's switch). None: 4 for RAPID (the paper's K for
-            12 layers, scaled as round(L/3) for other depths), L // 2 for ToFu.
+            12 layers, scaled as round(L/3) for other depths), L // 2 for ToFu. "auto": chosen from the model's
+            own tokens on calibration images (`rapid_hf.calibration.resolve_auto_switch_layer`), which must
+            resolve it to an int before the model runs.
         prune_threshold: RAPID's tau in eq. (1), a cosine similarity in [-1, 1].
-        importance_ratio: RAPID's rho: the top fraction of patch tokens (by CLS attention) that sets theta.
+        importance_ratio: RAPID's rho: the top fraction of patch tokens (by CLS attention) that sets theta;
+            for "crucial", the fraction of patch tokens that are crucial (merge destinations).
         importance_weight: RAPID's lambda in eq. (2), >= 0.
         prop_attn: add `log(size)` of each key to attention logits (ToMe's proportional attention).
         merge_mode: "mean" (size-weighted) or "mlerp" (ToFu's norm-preserving). None: "mlerp" for ToFu,
@@ -46,7 +51,7 @@ class RapidConfig:
     method: Method = "rapid"
     r: int | list[int] | tuple[int, float] = 0
     output_tokens: int | None = None
-    switch_layer: int | None = None
+    switch_layer: int | Literal["auto"] | None = None
     prune_threshold: float = 0.7
     importance_ratio: float = 0.2
     importance_weight: float = 50.0
@@ -62,8 +67,8 @@ class RapidConfig:
                 _fail("output_tokens", self.output_tokens, "an int >= 1 or None")
             if self.r != 0:
                 _fail("output_tokens", self.output_tokens, "None when r is set (give r or output_tokens, not both)")
-        if self.switch_layer is not None and (not _is_int(self.switch_layer) or self.switch_layer < 0):
-            _fail("switch_layer", self.switch_layer, "an int >= 0 (at most the number of layers) or None")
+        if self.switch_layer not in (None, AUTO) and (not _is_int(self.switch_layer) or self.switch_layer < 0):
+            _fail("switch_layer", self.switch_layer, "an int >= 0 (at most the number of layers), 'auto' or None")
         if not _is_number(self.prune_threshold) or not -1.0 <= self.prune_threshold <= 1.0:
             _fail("prune_threshold", self.prune_threshold, "a number in [-1, 1] (a cosine similarity)")
         if not _is_number(self.importance_ratio) or not 0.0 < self.importance_ratio <= 1.0:
@@ -92,17 +97,22 @@ class RapidConfig:
         return "mlerp" if self.method == "tofu" else "mean"
 
     def resolved_switch_layer(self, num_layers: int) -> int:
+        if self.switch_layer == AUTO:
+            raise ValueError(
+                "RapidConfig.switch_layer='auto' is not resolved yet: calibrate the model first "
+                "(scripts/calibrate.py, or rapid_hf.calibration.resolve_auto_switch_layer(model, pixel_values))"
+            )
         if self.switch_layer is not None:
             return self.switch_layer
         return num_layers // 2 if self.method == "tofu" else round(num_layers / 3)
 
     def validate_for_model(self, num_layers: int, num_tokens: int, num_protected: int) -> None:
         """Checks that need the model: list length, switch layer range, reachable output tokens."""
-        from rapid_hf.reduction.schedule import expand_schedule, schedule_for_output_tokens
+        from rapid_hf.reduction.schedule import schedule_for_output_tokens
 
-        if isinstance(self.r, list):
-            expand_schedule(self.r, num_layers)
-        if self.switch_layer is not None and self.switch_layer > num_layers:
+        if isinstance(self.r, list) and len(self.r) != num_layers:
+            _fail("r", self.r, f"a list of {num_layers} ints >= 0 (one per layer of this {num_layers}-layer model)")
+        if _is_int(self.switch_layer) and self.switch_layer > num_layers:
             _fail("switch_layer", self.switch_layer, f"an int in [0, {num_layers}] for this {num_layers}-layer model")
         if self.output_tokens is not None and self.method != "none":
             schedule_for_output_tokens(num_tokens, num_layers, num_protected, self.output_tokens)
@@ -132,7 +142,9 @@ class RapidConfig:
 
 def _normalise_r(r: Any) -> int | list[int] | tuple[int, float]:
     """Accept the three r forms (and the JSON form `[r, inflection]` of the tuple); reject everything else."""
-    allowed = "an int >= 0, a list of ints >= 0 (one per layer), or an (r: int >= 0, inflection: float in [-1, 1]) tuple"
+    allowed = (
+        "an int >= 0, a list of ints >= 0 (one per layer), or an (r: int >= 0, inflection: float in [-1, 1]) tuple"
+    )
     if _is_int(r):
         if r < 0:
             _fail("r", r, allowed)
@@ -148,4 +160,4 @@ def _normalise_r(r: Any) -> int | list[int] | tuple[int, float]:
     raise AssertionError  # unreachable
 
 
-__all__ = ["MERGE_MODES", "METHODS", "Method", "RapidConfig"]
+__all__ = ["AUTO", "MERGE_MODES", "METHODS", "Method", "RapidConfig"]

@@ -25,8 +25,13 @@ def removal_cap(num_tokens: int, num_protected: int) -> int:
 
 
 def matching_metric(keys: Tensor) -> Tensor:
-    """Keys `(B, heads, N, d)` averaged over heads and L2-normalised: the similarity metric `(B, N, d)`."""
-    metric = keys.mean(dim=1)
+    """Keys `(B, heads, N, d)` averaged over heads and L2-normalised: the similarity metric `(B, N, d)`.
+
+    Computed in at least float32: in bfloat16/float16 the similarity scores of near-duplicate tokens tie or swap
+    order, and a half-precision model would reduce different tokens than its float32 twin (see
+    results/robustness.md). The metric is small (one head-averaged key per token), so this costs little.
+    """
+    metric = keys.mean(dim=1, dtype=torch.promote_types(keys.dtype, torch.float32))
     return metric / metric.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(metric.dtype).tiny)
 
 

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from rapid_hf.reduction.matching import rank_descending
-from rapid_hf.reduction.plan import ReductionPlan, plan_from_ranking
+from rapid_hf.reduction.plan import ReductionPlan, SelectionPlan, gather_tokens, plan_from_ranking
 
 
 @torch.no_grad()
@@ -78,3 +78,44 @@ def importance_merge_plan(
         scores, cls_attention, num_protected, importance_ratio, importance_weight
     )
     return plan_from_ranking(rank_descending(adjusted), r, num_protected, best_destination)
+
+
+def crucial_count(num_patches: int, r: int, importance_ratio: float) -> int:
+    """How many crucial tokens: `ceil(rho * N_patch)`, at least 1 and at most `N_patch - r` (the r leaving)."""
+    if not 0 < r < num_patches:
+        raise ValueError(f"crucial merging removes 0 < r < N_patch tokens, got r={r} with {num_patches} patch tokens")
+    return max(1, min(math.ceil(importance_ratio * num_patches), num_patches - r))
+
+
+@torch.no_grad()
+def crucial_merge_plan(
+    metric: Tensor, r: int, num_protected: int, cls_attention: Tensor, importance_ratio: float
+) -> SelectionPlan:
+    """Crucial-token merging (training-free part): `r` non-crucial tokens merge into their most similar crucial one.
+
+    Patch tokens are ranked by CLS attention `(B, N)` (ties by index); the top `crucial_count` are *crucial*,
+    the rest non-crucial. Each non-crucial token's best match is the crucial token most similar to it (cosine of
+    the L2-normalised `metric` `(B, N, d)`); the `r` non-crucial tokens with the most similar best match leave,
+    merging into it. So exactly `r` tokens leave per layer, only crucial tokens receive merges, and crucial tokens
+    never leave. Protected tokens are neither. With `rho = 1` the `r` least important tokens leave.
+    """
+    num_patches = metric.shape[1] - num_protected
+    num_crucial = crucial_count(num_patches, r, importance_ratio)
+    order = rank_descending(cls_attention[:, num_protected:]) + num_protected
+    crucial, non_crucial = order[:, :num_crucial], order[:, num_crucial:]
+    similarity = gather_tokens(metric, non_crucial) @ gather_tokens(metric, crucial).transpose(-1, -2)
+    best_similarity, best_crucial = similarity.max(dim=-1)
+    leaving = rank_descending(best_similarity)[:, :r]
+    removed = non_crucial.gather(1, leaving)
+    destination = crucial.gather(1, best_crucial.gather(1, leaving))
+
+    keep = torch.ones(metric.shape[:2], dtype=torch.bool, device=metric.device).scatter(1, removed, False)
+    kept = torch.arange(metric.shape[1], device=metric.device).expand_as(keep)[keep].view(keep.shape[0], -1)
+    position_in_kept = keep.long().cumsum(dim=-1) - 1
+    return SelectionPlan(
+        kept=kept,
+        removed=removed,
+        destinations=position_in_kept.gather(1, destination),
+        num_protected=num_protected,
+    )
+

@@ -15,15 +15,16 @@ from rapid_hf.reduction.attention import cls_attention
 from rapid_hf.reduction.config import RapidConfig
 from rapid_hf.reduction.matching import bipartite_similarity, matching_metric, removal_cap
 from rapid_hf.reduction.methods import (
+    crucial_merge_plan,
     importance_merge_plan,
     redundancy_prune_plan,
     similarity_merge_plan,
     similarity_prune_plan,
 )
-from rapid_hf.reduction.plan import MergeMode, ReductionPlan, apply_plan
+from rapid_hf.reduction.plan import MergeMode, ReductionPlan, SelectionPlan, apply_plan
 from rapid_hf.reduction.schedule import expand_schedule, schedule_for_output_tokens
 
-Operation = Literal["prune_redundant", "merge_important", "prune_similar", "merge_similar"]
+Operation = Literal["prune_redundant", "merge_important", "prune_similar", "merge_similar", "merge_crucial"]
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ class LayerStep:
 
     @property
     def needs_cls_attention(self) -> bool:
-        return self.operation == "merge_important"
+        return self.operation in ("merge_important", "merge_crucial")
 
 
 def requested_schedule(config: RapidConfig, num_tokens: int, num_layers: int, num_protected: int) -> list[int]:
@@ -57,6 +58,8 @@ def layer_operation(config: RapidConfig, layer: int, num_layers: int) -> Operati
         return None
     if config.method == "tome":
         return "merge_similar"
+    if config.method == "crucial":
+        return "merge_crucial"
     before_switch = layer < config.resolved_switch_layer(num_layers)
     if config.method == "rapid":
         return "prune_redundant" if before_switch else "merge_important"
@@ -87,11 +90,14 @@ def build_plan(
     scaling: float,
     attention_bias: Tensor | None,
     num_protected: int,
-) -> ReductionPlan | None:
+) -> ReductionPlan | SelectionPlan | None:
     """The plan for one layer from its keys `(B, heads, N, d)` (and CLS query when RAPID merges)."""
     r = min(step.r, removal_cap(keys.shape[2], num_protected))
     if step.operation is None or r == 0:
         return None
+    if step.operation == "merge_crucial":
+        attention = cls_attention(query, keys, scaling, attention_bias)
+        return crucial_merge_plan(matching_metric(keys), r, num_protected, attention, step.importance_ratio)
     scores = bipartite_similarity(matching_metric(keys), num_protected)
     if step.operation == "merge_similar":
         return similarity_merge_plan(scores, r, num_protected)
@@ -114,7 +120,7 @@ def reduce_tokens(
     scaling: float,
     attention_bias: Tensor | None,
     num_protected: int,
-) -> tuple[Tensor, Tensor | None, ReductionPlan | None]:
+) -> tuple[Tensor, Tensor | None, ReductionPlan | SelectionPlan | None]:
     """One reduction step: returns the reduced hidden states, sizes and the plan (None if nothing moved)."""
     plan = build_plan(step, keys, query, scaling, attention_bias, num_protected)
     if plan is None:

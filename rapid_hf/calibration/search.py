@@ -1,0 +1,246 @@
+"""Choose a method's knobs on calibration images: a coordinate search minimising the divergence from the model.
+
+The unreduced logits are computed once; each candidate `RapidConfig` is scored by the mean KL(unreduced ||
+reduced) on the calibration images (ties: higher top-1 agreement). The search sweeps one knob at a time over its
+grid, keeping the best value, and repeats the sweeps until a round changes nothing. Knobs that cannot matter
+for the current point are skipped (tau when K = 0, rho and lambda when K = L, rho when lambda = 0). For RAPID
+the grid contains K = 0 with lambda = 0, which is exactly ToMe, so on the calibration images the chosen point
+is never worse than ToMe.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from rapid_hf.calibration.statistics import MIN_REDUNDANT_FRACTION, auto_switch_layer, layer_statistics
+from rapid_hf.evaluation.fidelity import kl_divergence, top1_agreement
+from rapid_hf.reduction.config import AUTO, RapidConfig
+
+DEFAULT_GRID: dict[str, tuple[float, ...]] = {
+    "prune_threshold": (0.5, 0.6, 0.7, 0.8, 0.9),
+    "importance_ratio": (0.1, 0.2, 0.3, 0.5),
+    "importance_weight": (0.0, 10.0, 25.0, 50.0, 100.0),
+}
+SEARCHED: dict[str, tuple[str, ...]] = {
+    "rapid": ("switch_layer", "prune_threshold", "importance_ratio", "importance_weight"),
+    "tofu": ("switch_layer",),
+    "crucial": ("importance_ratio",),
+}
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    """Mean KL(unreduced || reduced) in nats and top-1 agreement with the unreduced model."""
+
+    kl: float
+    agreement: float
+
+    def better_than(self, other: Fidelity) -> bool:
+        return (self.kl, -self.agreement) < (other.kl, -other.agreement)
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One evaluated point of the search: the searched knobs' values and their fidelity."""
+
+    settings: dict[str, Any]
+    kl: float
+    agreement: float
+
+
+@dataclass
+class CalibrationResult:
+    """The chosen config, where the search started, and every point it evaluated (the search log)."""
+
+    rapid: RapidConfig
+    fidelity: Fidelity
+    start: RapidConfig
+    start_fidelity: Fidelity
+    searched: tuple[str, ...]
+    grid: dict[str, list[Any]]
+    num_images: int
+    seconds: float
+    auto_switch_layer: int | None = None
+    trials: list[Trial] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly log (written as calibration.json next to the saved model)."""
+        return {
+            "rapid": self.rapid.to_dict(),
+            "fidelity": asdict(self.fidelity),
+            "start": self.start.to_dict(),
+            "start_fidelity": asdict(self.start_fidelity),
+            "searched": list(self.searched),
+            "grid": self.grid,
+            "num_images": self.num_images,
+            "seconds": round(self.seconds, 1),
+            "auto_switch_layer": self.auto_switch_layer,
+            "num_trials": len(self.trials),
+            "trials": [asdict(trial) for trial in self.trials],
+        }
+
+
+def _check_inputs(model: Any, pixel_values: Tensor, batch_size: int) -> None:
+    if not isinstance(pixel_values, Tensor) or pixel_values.ndim != 4 or len(pixel_values) == 0:
+        raise ValueError("calibration needs a non-empty (images, channels, height, width) pixel_values tensor")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if model.training:
+        raise ValueError("the model is in training mode (dropout would make the search random): call model.eval()")
+
+
+@torch.inference_mode()
+def predict_logits(model: Any, pixel_values: Tensor, rapid: RapidConfig, batch_size: int = 50) -> Tensor:
+    """Logits of `model` running `rapid` on `pixel_values`, in batches (the model's own setting is restored)."""
+    _check_inputs(model, pixel_values, batch_size)
+    original = model.rapid
+    try:
+        model.set_rapid(rapid)
+        device = next(model.parameters()).device
+        return torch.cat(
+            [
+                model(pixel_values=pixel_values[start : start + batch_size].to(device)).logits.float().cpu()
+                for start in range(0, len(pixel_values), batch_size)
+            ]
+        )
+    finally:
+        model.set_rapid(original)
+
+
+def measure_fidelity(
+    model: Any, pixel_values: Tensor, reference_logits: Tensor, rapid: RapidConfig, batch_size: int = 50
+) -> Fidelity:
+    """Fidelity of `rapid` to the unreduced logits `reference_logits` on the same images."""
+    logits = predict_logits(model, pixel_values, rapid, batch_size)
+    return Fidelity(
+        kl=kl_divergence(reference_logits, logits).mean().item(),
+        agreement=top1_agreement(reference_logits, logits).float().mean().item(),
+    )
+
+
+def is_relevant(name: str, rapid: RapidConfig, num_layers: int) -> bool:
+    """Whether knob `name` can change what `rapid` computes (RAPID knobs that a stage never reads cannot)."""
+    if rapid.method != "rapid":
+        return True
+    switch_layer = rapid.resolved_switch_layer(num_layers)
+    if name == "prune_threshold":
+        return switch_layer > 0
+    if name == "importance_weight":
+        return switch_layer < num_layers
+    if name == "importance_ratio":
+        return switch_layer < num_layers and rapid.importance_weight > 0
+    return True
+
+
+def search_grid(
+    searched: Sequence[str], num_layers: int, grid: Mapping[str, Sequence[Any]] | None = None
+) -> dict[str, list[Any]]:
+    """The values each searched knob may take: `grid` entries, else `DEFAULT_GRID`, and K in 0..L."""
+    values: dict[str, list[Any]] = {}
+    for name in searched:
+        if grid is not None and name in grid:
+            values[name] = list(grid[name])
+        elif name == "switch_layer":
+            values[name] = list(range(num_layers + 1))
+        else:
+            values[name] = list(DEFAULT_GRID[name])
+        if not values[name]:
+            raise ValueError(f"the search grid of {name!r} is empty")
+    return values
+
+
+def calibrate(
+    model: Any,
+    pixel_values: Tensor,
+    rapid: RapidConfig | None = None,
+    searched: Sequence[str] | None = None,
+    grid: Mapping[str, Sequence[Any]] | None = None,
+    max_rounds: int = 3,
+    batch_size: int = 50,
+    min_redundant_fraction: float = MIN_REDUNDANT_FRACTION,
+    progress: bool = True,
+) -> CalibrationResult:
+    """Coordinate search over `searched` knobs of `rapid` (default: the model's) on calibration `pixel_values`.
+
+    The reduction amount (r or output_tokens) and every knob not searched stay as given. `switch_layer="auto"`
+    is resolved by the token-statistics rule first and used as the starting K. The model's own setting is left
+    unchanged; apply the result with `model.set_rapid(result.rapid)` or `save_calibrated`.
+    """
+    _check_inputs(model, pixel_values, batch_size)
+    rapid = model.rapid if rapid is None else rapid
+    if rapid.method not in SEARCHED:
+        raise ValueError(f"method {rapid.method!r} has no knobs to calibrate; calibrate one of {sorted(SEARCHED)}")
+    if not rapid.reduces:
+        raise ValueError("nothing to calibrate: the config removes no tokens (set r or output_tokens)")
+    searched = tuple(SEARCHED[rapid.method] if searched is None else searched)
+    unknown = sorted(set(searched) - set(SEARCHED[rapid.method]))
+    if unknown or not searched:
+        raise ValueError(f"cannot search {unknown or 'nothing'} for method {rapid.method!r}; "
+                         f"searchable: {list(SEARCHED[rapid.method])}")
+    if max_rounds < 1:
+        raise ValueError(f"max_rounds must be >= 1, got {max_rounds}")
+    num_layers = model.config.num_hidden_layers
+    values = search_grid(searched, num_layers, grid)
+    for name, options in values.items():
+        for value in options:
+            rapid.replace(**{name: value})  # a bad grid value fails now, naming the field, not mid-search
+    if any(value == AUTO or value > num_layers for value in values.get("switch_layer", [])):
+        raise ValueError(f"switch_layer grid {values['switch_layer']} must hold ints in [0, {num_layers}]")
+
+    started = time.perf_counter()
+    resolved_auto = None
+    if rapid.switch_layer == AUTO:
+        statistics = layer_statistics(model, pixel_values, rapid.prune_threshold, batch_size)
+        resolved_auto = auto_switch_layer(statistics.redundant_fraction, min_redundant_fraction)
+        rapid = rapid.replace(switch_layer=resolved_auto)
+
+    reference = predict_logits(model, pixel_values, RapidConfig(method="none"), batch_size)
+    scored: dict[str, Fidelity] = {}
+    trials: list[Trial] = []
+    bar = tqdm(desc=f"calibrate {rapid.method}", unit="config", disable=not progress)
+
+    def score(candidate: RapidConfig) -> Fidelity:
+        key = json.dumps(candidate.to_dict(), sort_keys=True)
+        if key not in scored:
+            scored[key] = measure_fidelity(model, pixel_values, reference, candidate, batch_size)
+            settings = {name: getattr(candidate, name) for name in searched}
+            trials.append(Trial(settings, scored[key].kl, scored[key].agreement))
+            bar.update()
+        return scored[key]
+
+    current = rapid
+    best = start_fidelity = score(current)
+    for _ in range(max_rounds):
+        changed = False
+        for name in searched:
+            if not is_relevant(name, current, num_layers):
+                continue
+            for value in values[name]:
+                candidate = current.replace(**{name: value})
+                fidelity = score(candidate)
+                if fidelity.better_than(best):
+                    current, best, changed = candidate, fidelity, True
+                    bar.set_postfix(kl=f"{best.kl:.4f}", agreement=f"{best.agreement:.3f}")
+        if not changed:
+            break
+    bar.close()
+    return CalibrationResult(
+        rapid=current,
+        fidelity=best,
+        start=rapid,
+        start_fidelity=start_fidelity,
+        searched=searched,
+        grid=values,
+        num_images=len(pixel_values),
+        seconds=time.perf_counter() - started,
+        auto_switch_layer=resolved_auto,
+        trials=trials,
+    )

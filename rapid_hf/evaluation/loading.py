@@ -1,0 +1,43 @@
+"""Load any ViT/DeiT image classifier (Hub id or local folder) as the matching Rapid class."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoConfig
+
+from rapid_hf.models.modeling_rapid import (
+    RapidDeiTForImageClassification,
+    RapidDeiTForImageClassificationWithTeacher,
+    RapidModelMixin,
+    RapidViTForImageClassification,
+)
+
+PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def rapid_class_for(name_or_path: str) -> type[RapidModelMixin]:
+    """The Rapid class for a checkpoint, from its config's `model_type` and `architectures`."""
+    import rapid_hf  # noqa: F401  (registers rapid_vit / rapid_deit with AutoConfig)
+
+    config = AutoConfig.from_pretrained(name_or_path)
+    if config.model_type in ("vit", "rapid_vit"):
+        return RapidViTForImageClassification
+    if config.model_type in ("deit", "rapid_deit"):
+        with_teacher = any("WithTeacher" in name for name in (config.architectures or []))
+        return RapidDeiTForImageClassificationWithTeacher if with_teacher else RapidDeiTForImageClassification
+    raise ValueError(
+        f"{name_or_path!r} is a {config.model_type!r} model; rapid_hf supports vit and deit image classifiers"
+    )
+
+
+def load_rapid_model(name_or_path: str, device: str | torch.device = "cpu") -> RapidModelMixin:
+    """The checkpoint as a Rapid model in eval mode on `device` (float32 weights; use autocast for fp16/bf16)."""
+    model = rapid_class_for(name_or_path).from_pretrained(name_or_path)
+    return model.to(device).eval()
+
+
+def autocast_for(device: torch.device, precision: str) -> torch.autocast:
+    """The autocast context of a precision name (fp32 disables it), as in the paper's AMP protocol."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is invalid: choose from {', '.join(PRECISIONS)}")
+    return torch.autocast(device.type, dtype=PRECISIONS[precision], enabled=precision != "fp32")

@@ -1,0 +1,190 @@
+"""Throughput, peak memory and FLOPs of token-reduction variants, all measured in one run.
+
+Protocol (the paper's, on CUDA: AMP fp16, batch 64): synthetic inputs at the model's resolution, warm-up, then
+timed repeats. The variants are interleaved (round-robin over repeats, alternating direction, median per variant),
+so slow phases of a shared machine hit every variant alike and no variant always runs after the same one (that
+alone moved RAPID/ToMe by 4-6% on a busy CPU). The timing loop is a plain clock around `number` forwards (with
+CUDA synchronisation): `torch.utils.benchmark.Timer.timeit` would add two warm-up runs to every round and pin the
+thread count. On a busy CPU machine, `timer="process"` counts this
+process's CPU time instead of wall time (use it with one thread: it sums the CPU time of all threads).
+
+Record fields (stable): label, method, r, output_tokens, token_counts, rapid (as in `accuracy`), model,
+batch_size, device, precision, num_threads, timer, repeats, throughput (images/s), time_ms (median per batch),
+time_ms_iqr ([q25, q75]), speedup (throughput / unreduced throughput in this run), gflops (per image, analytic
+from the token counts), gflops_counted (`torch.utils.flop_counter` on a real forward), flop_ratio (unreduced
+GFLOPs / these), speedup_over_flop_ratio, peak_memory_mb (tensors allocated during one forward beyond weights
+and input; CUDA allocator or CPU profiler), reduction_share (CPU only, else None: the fraction of one profiled
+forward's wall time spent in the reduction steps, i.e. the method's own overhead).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from rapid_hf.evaluation.flops import counted_flops, model_flops
+from rapid_hf.evaluation.loading import autocast_for
+from rapid_hf.evaluation.variants import REFERENCE, Variant
+from rapid_hf.models.encoder import REDUCTION_RANGE
+
+TIMERS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "process": time.process_time}
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_forward(forward: Callable[[], Any], number: int, clock: Callable[[], float], device: torch.device) -> float:
+    """Seconds per call of `forward`, averaged over `number` back-to-back calls."""
+    _synchronize(device)
+    start = clock()
+    for _ in range(number):
+        forward()
+    _synchronize(device)
+    return (clock() - start) / number
+
+
+@dataclass(frozen=True)
+class ForwardProfile:
+    """One profiled forward: peak bytes allocated beyond what was allocated before it, and (CPU only) the
+    milliseconds spent inside the layers' reduction steps (profiler range `REDUCTION_RANGE`) and in the forward."""
+
+    peak_bytes: int
+    reduction_ms: float | None = None
+    forward_ms: float | None = None
+
+
+def profile_forward(forward: Callable[[], Any], device: torch.device) -> ForwardProfile:
+    """Run `forward()` once under the CUDA allocator's peak counter or, on CPU, under `torch.profiler`."""
+    if device.type == "cuda":
+        _synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        forward()
+        _synchronize(device)
+        return ForwardProfile(torch.cuda.max_memory_allocated(device) - before)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        start = time.perf_counter()
+        forward()
+        forward_ms = (time.perf_counter() - start) * 1e3
+    raw = profiler.profiler.kineto_results.events()
+    live = peak = 0
+    for event in sorted((e for e in raw if e.name() == "[memory]"), key=lambda e: e.start_ns()):
+        live += event.nbytes()
+        peak = max(peak, live)
+    reduction_ns = sum(e.duration_ns() for e in raw if e.name() == REDUCTION_RANGE)
+    return ForwardProfile(peak, reduction_ns / 1e6, forward_ms)
+
+
+def _with_reference(variants: Sequence[Variant]) -> list[Variant]:
+    """The unreduced row first (the speedup baseline), added if missing."""
+    rows = [v for v in variants if v.rapid.method != "none"]
+    reference = next((v for v in variants if v.rapid.method == "none"), Variant("none", REFERENCE))
+    return [reference, *rows]
+
+
+@torch.inference_mode()
+def benchmark(
+    model: Any,
+    variants: Sequence[Variant],
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+    warmup: int = 2,
+    repeats: int = 10,
+    number: int = 1,
+    timer: str = "wall",
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Measure every variant (plus the unreduced baseline) on one synthetic batch; one record each.
+
+    Each repeat times `number` forwards of every variant in turn; a variant's time is the median over repeats.
+    The model's own reduction setting is restored afterwards.
+    """
+    if timer not in TIMERS:
+        raise ValueError(f"timer {timer!r} is invalid: choose from {', '.join(TIMERS)}")
+    for name, value in (("batch_size", batch_size), ("repeats", repeats), ("number", number)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup}")
+    device = torch.device(device)
+    model.to(device).eval()
+    config = model.config
+    generator = torch.Generator().manual_seed(seed)
+    shape = (batch_size, config.num_channels, config.image_size, config.image_size)
+    pixel_values = torch.randn(shape, generator=generator).to(device)
+    rows = _with_reference(variants)
+    original = model.rapid
+
+    def forward() -> Any:
+        with autocast_for(device, precision):
+            return model(pixel_values=pixel_values)
+
+    measured: dict[int, dict[str, Any]] = {}
+    times: list[list[float]] = [[] for _ in rows]
+    try:
+        for position, variant in enumerate(rows):
+            model.set_rapid(variant.rapid)
+            for _ in range(warmup):
+                forward()
+            counted, token_counts = counted_flops(model, pixel_values[:2])
+            profiled = profile_forward(forward, device)
+            measured[position] = {
+                "token_counts": token_counts,
+                "gflops": model_flops(model, token_counts).total / 1e9,
+                "gflops_counted": counted / 1e9,
+                "peak_memory_mb": profiled.peak_bytes / 2**20,
+                "reduction_share": None if profiled.forward_ms is None else profiled.reduction_ms / profiled.forward_ms,
+            }
+        for repeat in tqdm(range(repeats), desc="benchmark"):
+            order = list(enumerate(rows))
+            for position, variant in order if repeat % 2 == 0 else order[::-1]:  # alternate: no variant always last
+                model.set_rapid(variant.rapid)
+                times[position].append(time_forward(forward, number, TIMERS[timer], device))
+    finally:
+        model.set_rapid(original)
+
+    baseline_time = float(np.median(times[0]))
+    baseline_gflops = measured[0]["gflops"]
+    records = []
+    for position, variant in enumerate(rows):
+        median = float(np.median(times[position]))
+        speedup = baseline_time / median
+        flop_ratio = baseline_gflops / measured[position]["gflops"]
+        records.append(
+            {
+                "label": variant.label,
+                "method": variant.rapid.method,
+                "r": variant.requested_r,
+                "output_tokens": measured[position]["token_counts"][-1],
+                "token_counts": list(measured[position]["token_counts"]),
+                "rapid": variant.rapid.to_dict(),
+                "batch_size": batch_size,
+                "device": str(device),
+                "precision": precision,
+                "num_threads": torch.get_num_threads(),
+                "timer": timer,
+                "repeats": repeats,
+                "throughput": batch_size / median,
+                "time_ms": median * 1e3,
+                "time_ms_iqr": [float(q) * 1e3 for q in np.percentile(times[position], [25, 75])],
+                "speedup": speedup,
+                "gflops": measured[position]["gflops"],
+                "gflops_counted": measured[position]["gflops_counted"],
+                "flop_ratio": flop_ratio,
+                "speedup_over_flop_ratio": speedup / flop_ratio,
+                "peak_memory_mb": measured[position]["peak_memory_mb"],
+                "reduction_share": measured[position]["reduction_share"],
+            }
+        )
+    return records

@@ -1,0 +1,217 @@
+"""Model cards for reduced models, built with `huggingface_hub`'s `ModelCard`/`ModelCardData`.
+
+The metadata (license, library, pipeline tag, base model, datasets, tags, `model-index`) comes from
+`ModelCardData`; the body from `modelcard_template.md`. Every number on the card is copied from a measured
+record (`rapid_hf.hub.results`); a quantity nobody measured is left out, never estimated.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import transformers
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+import rapid_hf
+from rapid_hf.hub.results import MeasuredResults, setting_text
+from rapid_hf.reduction.config import RapidConfig
+
+TEMPLATE_PATH = Path(__file__).with_name("modelcard_template.md")
+DEFAULT_DATASET_ID = "ILSVRC/imagenet-1k"
+
+METHOD_TEXT: dict[str, tuple[str, str]] = {
+    "rapid": ("RAPID", "redundancy-aware pruning in the shallow layers, then merging of unimportant tokens (guided by "
+                       "the attention of the CLS token) in the deep layers."),
+    "tome": ("ToMe", "bipartite merging of the most similar tokens in every layer (size-weighted average)."),
+    "tofu": ("ToFu", "pruning of the most similar tokens in the first half of the layers, then norm-preserving "
+                     "(MLERP) merging."),
+    "none": ("no reduction", "the unreduced model, packaged with the same code."),
+}
+
+# (record key, model-index metric type, display name)
+EVALUATION_METRICS = (
+    ("top1", "accuracy", "Top-1 accuracy"),
+    ("top5", "top_5_accuracy", "Top-5 accuracy"),
+    ("output_tokens", "output_tokens", "Output tokens"),
+)
+BENCHMARK_METRICS = (("speedup", "throughput_ratio", "Throughput ratio vs unreduced"),)
+TABLE_COLUMNS = (
+    ("top1", "top-1"),
+    ("top5", "top-5"),
+    ("agreement", "top-1 agreement with unreduced"),
+    ("kl", "KL(unreduced ‖ reduced)"),
+    ("output_tokens", "output tokens"),
+    ("speedup", "throughput ratio (vs unreduced)"),
+    ("flop_ratio", "FLOP ratio (unreduced / this)"),
+)
+EVALUATION_CONTEXT_KEYS = ("dataset", "split", "subset", "precision")
+BENCHMARK_CONTEXT_KEYS = ("device", "batch_size", "precision", "num_threads", "timer", "repeats")
+
+
+@dataclass(frozen=True)
+class CardInfo:
+    """What a card says besides the numbers: where it lives and what it was built from."""
+
+    repo_id: str
+    base_model: str | None
+    rapid: RapidConfig
+    license: str = "apache-2.0"
+    dataset_id: str = DEFAULT_DATASET_ID
+    dataset_name: str = "ImageNet-1k"
+    model_note: str | None = None
+
+
+def _number(value: Any) -> float | int:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"measured value {value!r} is not a finite number")
+    return value
+
+
+def _measured(record: Mapping[str, Any] | None, key: str) -> bool:
+    """Whether `record` holds a value for `key` (the harness writes None for what it could not measure)."""
+    return record is not None and record.get(key) is not None
+
+
+def _context(record: Mapping[str, Any], keys: tuple[str, ...]) -> str:
+    return ", ".join(f"{key}={record[key]}" for key in keys if _measured(record, key))
+
+
+def _format(value: Any) -> str:
+    value = _number(value)
+    return str(value) if isinstance(value, int) else f"{value:.4f}".rstrip("0").rstrip(".")
+
+
+def eval_results(info: CardInfo, results: MeasuredResults) -> list[EvalResult]:
+    """`model-index` entries: one per measured metric of this model (none when nothing was measured)."""
+    entries = []
+    datasets = (
+        (results.evaluation, EVALUATION_METRICS, info.dataset_id, info.dataset_name),
+        (results.benchmark, BENCHMARK_METRICS, "synthetic", "synthetic input batch (rapid_hf benchmark)"),
+    )
+    for record, metrics, dataset_type, dataset_name in datasets:
+        if record is None:
+            continue
+        # A split name only means something for the Hub dataset itself (a local imagefolder's is always "train").
+        split = record.get("split") if record.get("dataset") == dataset_type else None
+        for key, metric_type, metric_name in metrics:
+            if not _measured(record, key):
+                continue
+            entries.append(
+                EvalResult(
+                    task_type="image-classification",
+                    dataset_type=dataset_type,
+                    dataset_name=dataset_name,
+                    dataset_split=split,
+                    metric_type=metric_type,
+                    metric_name=metric_name,
+                    metric_value=round(_number(record[key]), 4),
+                )
+            )
+    return entries
+
+
+def results_table(results: MeasuredResults, info: CardInfo) -> str:
+    """Markdown table of the measured numbers (this model and, if measured, the unreduced model)."""
+    measured = {**(results.benchmark or {}), **(results.evaluation or {})}
+    columns = [(key, title) for key, title in TABLE_COLUMNS if _measured(measured, key)]
+    if not columns:
+        return ""
+    rows = [f"| model | {' | '.join(title for _, title in columns)} |", f"|---|{'---|' * len(columns)}"]
+    if results.reference is not None:
+        reference = [_format(results.reference[key]) if _measured(results.reference, key) else "" for key, _ in columns]
+        rows.append(f"| unreduced (measured in the same run) | {' | '.join(reference)} |")
+    this = [_format(measured[key]) for key, _ in columns]
+    rows.append(f"| {METHOD_TEXT[info.rapid.method][0]} ({setting_text(info.rapid)}) | {' | '.join(this)} |")
+    return "\n".join(rows)
+
+
+def _results_note(results: MeasuredResults) -> str:
+    notes = []
+    if results.evaluation is None:
+        notes.append("Accuracy was not measured for this card (no evaluation results were given).")
+    if results.benchmark is None:
+        notes.append("Speed was not measured for this card (no benchmark results were given).")
+    else:
+        notes.append("The throughput ratio is this model's images per second divided by the unreduced model's, "
+                     "both measured in the same benchmark run; absolute speed depends on the hardware, so only "
+                     "ratios are quoted.")
+    return " ".join(notes)
+
+
+def _provenance(results: MeasuredResults, info: CardInfo) -> list[str]:
+    lines = []
+    if info.model_note:
+        lines.append(info.model_note)
+    for source in results.sources:
+        line = f"`{source.path.name}`"
+        if source.command:
+            line += f", produced by `{source.command}`"
+        lines.append(line)
+    if results.evaluation is not None:
+        context = _context(results.evaluation, EVALUATION_CONTEXT_KEYS)
+        lines.append(f"Accuracy: {results.evaluation['n_samples']} labelled images of {info.dataset_name}"
+                     + (f" ({context})" if context else "")
+                     + ", by the rapid_hf evaluation harness (`rapid_hf.evaluation.accuracy`). Top-1 agreement "
+                     "and KL compare with the unreduced model on the same images.")
+    if results.benchmark is not None:
+        context = _context(results.benchmark, BENCHMARK_CONTEXT_KEYS)
+        lines.append("Speed: the rapid_hf benchmark (`rapid_hf.evaluation.throughput`), timing a synthetic batch at "
+                     "the model's resolution" + (f"; {context}." if context else "."))
+    if not results.sources:
+        lines.append("Nothing was measured for this card.")
+    lines.append("The numbers are self-reported by the rapid_hf harness, not verified by the Hub.")
+    return lines
+
+
+def build_model_card(info: CardInfo, results: MeasuredResults, template_path: Path = TEMPLATE_PATH) -> ModelCard:
+    """The model card of a reduced model: metadata via `ModelCardData`, body from the template."""
+    method_title, method_summary = METHOD_TEXT[info.rapid.method]
+    model_name = info.repo_id.split("/")[-1]
+    entries = eval_results(info, results)
+    card_data = ModelCardData(
+        license=info.license,
+        library_name="transformers",
+        pipeline_tag="image-classification",
+        base_model=info.base_model,
+        datasets=[info.dataset_id],
+        tags=["vision", "image-classification", "token-reduction", "rapid_hf", info.rapid.method, "custom_code"],
+        model_name=model_name if entries else None,
+        eval_results=entries or None,
+    )
+    base_text = f"[{info.base_model}](https://huggingface.co/{info.base_model})" if info.base_model else "A ViT"
+    table = results_table(results, info)
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(template_path),
+        model_name=model_name,
+        base_model_text=base_text,
+        method_title=method_title,
+        method_summary=method_summary,
+        setting=setting_text(info.rapid),
+        results_table=table,
+        results_note=_results_note(results) if table else "",
+        provenance=_provenance(results, info),
+        repo_id=info.repo_id,
+        version=rapid_hf.__version__,
+        transformers_version=transformers.__version__,
+        rapid_json=json.dumps(info.rapid.to_dict(), indent=2),
+    )
+
+
+def card_metrics(card: ModelCard) -> dict[str, Any]:
+    """`{metric type: value}` of a card's `model-index` (for checks and tests)."""
+    data: Mapping[str, Any] = card.data.to_dict()
+    metrics: dict[str, Any] = {}
+    for model in data.get("model-index", []):
+        for result in model["results"]:
+            for metric in result["metrics"]:
+                metrics[metric["type"]] = metric["value"]
+    return metrics
+
+
+__all__ = ["DEFAULT_DATASET_ID", "TEMPLATE_PATH", "CardInfo", "build_model_card", "card_metrics", "eval_results"]

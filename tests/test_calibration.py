@@ -1,0 +1,187 @@
+"""Calibration: the switch_layer="auto" rule, the coordinate search, saving, and the calibrate.py command."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import DeiTConfig, ViTConfig, ViTImageProcessor
+
+from rapid_hf import RapidConfig, RapidDeiTForImageClassification, RapidViTForImageClassification
+from rapid_hf.calibration import (
+    CALIBRATION_LOG,
+    auto_switch_layer,
+    calibrate,
+    layer_statistics,
+    predict_logits,
+    resolve_auto_switch_layer,
+    save_calibrated,
+)
+from rapid_hf.calibration.statistics import redundant_fraction
+from rapid_hf.reduction.matching import bipartite_similarity
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str):
+    """Import scripts/<name>.py as a module (scripts are not a package), to run its main() in-process."""
+    spec = importlib.util.spec_from_file_location(f"script_{name}", REPO_ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+TINY = {"hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 128,
+        "image_size": 64, "patch_size": 8, "num_labels": 10}
+GRID = {"switch_layer": [0, 2, 4], "prune_threshold": [0.5, 0.9], "importance_ratio": [0.2, 0.5],
+        "importance_weight": [0.0, 50.0]}
+
+
+@pytest.fixture(scope="module")
+def tiny_model() -> RapidViTForImageClassification:
+    torch.manual_seed(0)
+    return RapidViTForImageClassification(ViTConfig(**TINY)).eval()
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    return torch.randn(6, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+
+
+def test_auto_is_a_valid_setting_that_must_be_resolved_before_running(tiny_model, images):
+    config = RapidConfig(r=4, switch_layer="auto")
+    assert RapidConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="switch_layer"):
+        RapidConfig(switch_layer="later")
+    tiny_model.set_rapid(config)
+    with pytest.raises(ValueError, match=r"not resolved yet.*calibrate"):
+        tiny_model(pixel_values=images[:1])
+
+
+def test_auto_resolution_is_deterministic(tiny_model, images):
+    tiny_model.set_rapid(RapidConfig(r=4, switch_layer="auto"))
+    first = resolve_auto_switch_layer(tiny_model, images, batch_size=4)
+    assert tiny_model.rapid == first and isinstance(first.switch_layer, int)
+    tiny_model.set_rapid(RapidConfig(r=4, switch_layer="auto"))
+    second = resolve_auto_switch_layer(tiny_model, images, batch_size=6)
+    assert first == second
+    statistics = layer_statistics(tiny_model, images)
+    assert first.switch_layer == auto_switch_layer(statistics.redundant_fraction)
+    assert len(statistics.redundant_fraction) == len(statistics.cls_entropy) == 4
+    assert all(0.0 <= value <= 1.0 for value in statistics.cls_entropy)
+    tiny_model(pixel_values=images[:2])  # resolved: runs
+
+
+def test_auto_switch_layer_rule():
+    assert auto_switch_layer([0.5, 0.8, 0.9]) == 1
+    assert auto_switch_layer([0.9, 0.1]) == 0
+    assert auto_switch_layer([0.1, 0.2, 0.3]) == 3  # never redundant enough: prune everywhere
+    assert auto_switch_layer([0.1, 0.35], min_redundant_fraction=0.3) == 1
+    with pytest.raises(ValueError, match="min_redundant_fraction"):
+        auto_switch_layer([0.5], min_redundant_fraction=0.0)
+
+
+def test_redundant_fraction_counts_sources_with_a_near_duplicate():
+    # Tokens 0..6 (CLS + 6 patches); sources are 0, 2, 4, 6 (CLS excluded), destinations 1, 3, 5.
+    metric = torch.tensor([[1, 0], [0, 1], [0, 1], [1, 0], [0.6, 0.8], [0.6, 0.8], [-1, 0]], dtype=torch.float32)
+    scores = bipartite_similarity(metric[None], num_protected=1)
+    assert redundant_fraction(scores, 0.7).tolist() == [pytest.approx(2 / 3)]  # 2 and 4 do, 6 does not
+    assert redundant_fraction(scores, 0.99).tolist() == [pytest.approx(2 / 3)]
+    assert redundant_fraction(scores, -1.0).tolist() == [pytest.approx(1.0)]
+
+
+def test_statistics_on_a_distilled_deit(images):
+    torch.manual_seed(0)
+    model = RapidDeiTForImageClassification(DeiTConfig(**TINY)).eval()
+    statistics = layer_statistics(model, images[:2], prune_threshold=0.5)
+    assert len(statistics.redundant_fraction_per_image) == 2
+    assert len(statistics.redundant_fraction_per_image[0]) == 4
+
+
+def test_rapid_with_k0_and_lambda0_is_exactly_tome(tiny_model, images):
+    # Why the calibrated RAPID can never be worse than ToMe on the calibration images: ToMe is in its grid.
+    tome = predict_logits(tiny_model, images, RapidConfig(method="tome", r=6))
+    rapid = predict_logits(tiny_model, images, RapidConfig(r=6, switch_layer=0, importance_weight=0.0))
+    assert torch.equal(tome, rapid)
+
+
+def test_calibration_picks_grid_values_and_saves_them(tiny_model, images, tmp_path):
+    tiny_model.set_rapid(RapidConfig(method="tome", r=2))
+    start = RapidConfig(r=6, switch_layer="auto")
+    result = calibrate(tiny_model, images, start, grid=GRID, batch_size=4, progress=False)
+    assert tiny_model.rapid == RapidConfig(method="tome", r=2)  # the model's own setting is untouched
+    chosen = result.rapid
+    assert chosen.r == 6 and chosen.method == "rapid"
+    for name, values in GRID.items():
+        assert getattr(chosen, name) in values or getattr(chosen, name) == getattr(result.start, name)
+    assert result.auto_switch_layer == result.start.switch_layer
+    assert result.fidelity.kl <= result.start_fidelity.kl
+    assert min(t.kl for t in result.trials) == pytest.approx(result.fidelity.kl)
+    assert len({json.dumps(t.settings, sort_keys=True) for t in result.trials}) == len(result.trials)
+
+    save_calibrated(tiny_model, result, tmp_path, context={"rows": [0, 5]})
+    reloaded = RapidViTForImageClassification.from_pretrained(tmp_path)
+    assert reloaded.rapid == chosen
+    log = json.loads((tmp_path / CALIBRATION_LOG).read_text())
+    assert log["rows"] == [0, 5] and log["rapid"] == chosen.to_dict() and log["num_trials"] == len(result.trials)
+
+
+def test_calibration_searches_only_the_methods_knobs(tiny_model, images):
+    result = calibrate(tiny_model, images, RapidConfig(method="crucial", r=4), progress=False)
+    assert {name for trial in result.trials for name in trial.settings} == {"importance_ratio"}
+
+
+@pytest.mark.parametrize(
+    ("rapid", "kwargs", "match"),
+    [
+        (RapidConfig(method="tome", r=4), {}, "no knobs to calibrate"),
+        (RapidConfig(r=0), {}, "removes no tokens"),
+        (RapidConfig(r=4), {"searched": ["merge_mode"]}, "cannot search"),
+        (RapidConfig(r=4), {"grid": {"prune_threshold": [1.5]}}, "prune_threshold"),
+        (RapidConfig(r=4), {"grid": {"switch_layer": [9]}}, r"ints in \[0, 4\]"),
+        (RapidConfig(r=4), {"max_rounds": 0}, "max_rounds"),
+    ],
+)
+def test_calibration_rejects_bad_requests(tiny_model, images, rapid, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        calibrate(tiny_model, images, rapid, progress=False, **kwargs)
+
+
+def test_calibration_refuses_a_training_model(images):
+    model = RapidViTForImageClassification(ViTConfig(**TINY))  # train mode
+    with pytest.raises(ValueError, match=r"model\.eval"):
+        calibrate(model, images, RapidConfig(r=4), progress=False)
+
+
+def test_calibrate_command_end_to_end(tiny_model, tmp_path, capsys):
+    model_dir, data_dir, out_dir = tmp_path / "model", tmp_path / "data", tmp_path / "out"
+    tiny_model.set_rapid(RapidConfig())
+    tiny_model.save_pretrained(model_dir)
+    ViTImageProcessor(size={"height": 64, "width": 64}).save_pretrained(model_dir)
+    data_dir.mkdir()
+    rng = np.random.default_rng(0)
+    with open(data_dir / "metadata.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["file_name", "label"])
+        for index in range(12):  # calibration rows: 0, 5, 10
+            Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(data_dir / f"{index}.png")
+            writer.writerow([f"{index}.png", index % 10])
+    calibrate_script = load_script("calibrate")
+    argv = ["--model", str(model_dir), "--data-dir", str(data_dir), "--r", "4", "--max-rounds", "1",
+            "--output-dir", str(out_dir)]
+    calibrate_script.main(argv)
+    log = json.loads((out_dir / CALIBRATION_LOG).read_text())
+    assert log["calibration_rows"] == [0, 5, 10]
+    reloaded = RapidViTForImageClassification.from_pretrained(out_dir)
+    assert reloaded.rapid.to_dict() == log["rapid"] and isinstance(reloaded.rapid.switch_layer, int)
+    assert (out_dir / "preprocessor_config.json").exists()
+
+    with pytest.raises(SystemExit):
+        calibrate_script.parse_args([*argv, "--switch-layer", "soon"])
+    assert "expected 'auto' or an int" in capsys.readouterr().err
