@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
+import keyword
 import os
 import re
 import subprocess
@@ -195,11 +196,16 @@ def test_rewrite_imports_handles_indented_and_multiline_imports():
     assert rewritten.endswith("x = 'from rapid_hf.a.b import c is only text here'\n")
 
 
+def identifiers(pattern: str) -> st.SearchStrategy[str]:
+    """Python identifiers matching `pattern`, keywords excluded (`from .x import in` is not Python)."""
+    return st.from_regex(pattern, fullmatch=True).filter(lambda name: not keyword.iskeyword(name))
+
+
 @settings(max_examples=30, deadline=None)
 @given(
     indent=st.sampled_from(["", "    ", "\t"]),
-    path=st.lists(st.from_regex(r"[a-z_][a-z0-9_]{0,8}", fullmatch=True), min_size=1, max_size=3),
-    names=st.lists(st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,8}", fullmatch=True), min_size=1, max_size=3),
+    path=st.lists(identifiers(r"[a-z_][a-z0-9_]{0,8}"), min_size=1, max_size=3),
+    names=st.lists(identifiers(r"[A-Za-z_][A-Za-z0-9_]{0,8}"), min_size=1, max_size=3),
 )
 def test_rewrite_imports_property(indent, path, names):
     line = f"{indent}from rapid_hf.{'.'.join(path)} import {', '.join(names)}"

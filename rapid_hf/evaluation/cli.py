@@ -160,6 +160,7 @@ def run_evaluation(args: argparse.Namespace, accelerator: Any = None) -> list[di
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    owns_accelerator = accelerator is None
     accelerator = accelerator or Accelerator()
     spec = DataSpec(
         dataset=args.dataset,
@@ -176,6 +177,9 @@ def run_evaluation(args: argparse.Namespace, accelerator: Any = None) -> list[di
     rows = load_rows(spec)
     loader = make_dataloader(rows, processor, args.batch_size, args.num_workers, args.image_column, args.label_column)
     predictions = predict(model, loader, args.variant_rows, accelerator, args.precision)
+    accelerator.wait_for_everyone()
+    if owns_accelerator:  # tear the process group down before exit, or a rank can abort while shutting down
+        accelerator.end_training()
     if not accelerator.is_main_process:
         return None
     records = summarize(

@@ -144,25 +144,13 @@ def reduced_layer_forward(
     step: LayerStep,
     num_protected: int,
     prop_attn: bool,
-) -> tuple[Tensor, Tensor | None, Tensor | None]:
+) -> tuple[Tensor, Tensor | None, Tensor | None, Plan | None]:
     """A ViT/DeiT layer with a reduction step after the attention residual (ToMe's placement).
 
     Mirrors the stock layer operation for operation, so with nothing to remove the result is bit-identical.
-    Returns the new hidden states, sizes and the attention weights (None under SDPA).
+    Returns the new hidden states, sizes, the attention weights (None under SDPA) and the layer's reduction
+    plan (None if nothing moved), which tracing applies to its patch map.
     """
-    hidden, sizes, weights, _ = reduced_layer_forward_with_plan(layer, hidden, sizes, step, num_protected, prop_attn)
-    return hidden, sizes, weights
-
-
-def reduced_layer_forward_with_plan(
-    layer: nn.Module,
-    hidden: Tensor,
-    sizes: Tensor | None,
-    step: LayerStep,
-    num_protected: int,
-    prop_attn: bool,
-) -> tuple[Tensor, Tensor | None, Tensor | None, Plan | None]:
-    """`reduced_layer_forward`, also returning the layer's reduction plan (None if nothing moved) for tracing."""
     attention = layer.attention
     normed = layer.layernorm_before(hidden)
     head_shape = (*normed.shape[:-1], -1, attention.head_dim)
@@ -233,9 +221,7 @@ def reduced_encoder_forward(
     layer_sources: list[Tensor] = []
     for index, (layer, step) in enumerate(zip(layers, steps, strict=True)):
         num_tokens = hidden.shape[1]
-        hidden, sizes, weights, plan = reduced_layer_forward_with_plan(
-            layer, hidden, sizes, step, num_protected, rapid.prop_attn
-        )
+        hidden, sizes, weights, plan = reduced_layer_forward(layer, hidden, sizes, step, num_protected, rapid.prop_attn)
         if trace and plan is not None:
             assignment, pruned_at = update_assignment(plan, assignment, pruned_at, num_tokens, index)
         if output_sources:
