@@ -30,15 +30,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 NUM_IMAGES = 19  # with batch 4: 5 batches, so 2 processes get an uneven last round that accelerate pads
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a busy 2-core machine, two threads waiting on each other are many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A random 4-layer ViT (64 px, patch 8: 65 tokens, 10 classes) saved with its image processor."""

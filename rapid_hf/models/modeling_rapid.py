@@ -72,7 +72,8 @@ class RapidModelMixin:
 
     num_protected_tokens: int = 1
 
-    def _init_rapid(self) -> None:
+    def __init__(self, config: RapidViTConfig | RapidDeiTConfig) -> None:
+        super().__init__(config)
         settings = getattr(self.config, "rapid", None)
         self.set_rapid(RapidConfig() if settings is None else RapidConfig.from_dict(settings))
 
@@ -175,10 +176,6 @@ class RapidViTForImageClassification(_RapidSingleHeadMixin, ViTForImageClassific
     config: RapidViTConfig
     num_protected_tokens = 1
 
-    def __init__(self, config: RapidViTConfig) -> None:
-        super().__init__(config)
-        self._init_rapid()
-
 
 class RapidDeiTForImageClassification(_RapidSingleHeadMixin, DeiTForImageClassification):
     """`DeiTForImageClassification` with token reduction; the distillation token is always kept."""
@@ -187,10 +184,6 @@ class RapidDeiTForImageClassification(_RapidSingleHeadMixin, DeiTForImageClassif
     config: RapidDeiTConfig
     num_protected_tokens = 2
 
-    def __init__(self, config: RapidDeiTConfig) -> None:
-        super().__init__(config)
-        self._init_rapid()
-
 
 class RapidDeiTForImageClassificationWithTeacher(RapidModelMixin, DeiTForImageClassificationWithTeacher):
     """Distilled DeiT (CLS + distillation heads) with token reduction; the distillation token is always kept."""
@@ -198,10 +191,6 @@ class RapidDeiTForImageClassificationWithTeacher(RapidModelMixin, DeiTForImageCl
     config_class = RapidDeiTConfig
     config: RapidDeiTConfig
     num_protected_tokens = 2
-
-    def __init__(self, config: RapidDeiTConfig) -> None:
-        super().__init__(config)
-        self._init_rapid()
 
     @can_return_tuple
     def forward(
