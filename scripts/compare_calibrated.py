@@ -26,7 +26,7 @@ from rapid_hf.reduction.config import RapidConfig
 from rapid_hf.reduction.schedule import schedule_for_output_tokens, token_counts
 
 METHOD_COLUMNS = ("tome", "tofu", "rapid", "rapid-auto", "rapid-calibrated", "crucial")
-# Crucial merging's crucial fraction: best of {0.05, 0.1, 0.2, ..., 0.7, 1.0} on the calibration rows (r 4, 8, 16).
+# Crucial merging's crucial fraction, from an exploratory sweep of 0.05..1.0 on the calibration rows (r = 4, 8, 16).
 CRUCIAL_RATIO = 0.6
 
 
@@ -104,7 +104,23 @@ def variants_for(settings: list[dict], logs: dict[str, Any], auto_k: int) -> lis
     return variants
 
 
-def checks(records: list[dict], settings: list[dict]) -> dict[str, Any]:
+def agreement_delta_ci(predictions: Any, variants: list[Variant]) -> dict[str, list[float]]:
+    """Per setting: paired-bootstrap 95% interval of calibrated RAPID's agreement minus ToMe's (same images)."""
+    from rapid_hf.evaluation.accuracy import paired_bootstrap_ci
+
+    agrees = predictions.ranks[:, 1:, 0] == predictions.ranks[:, :1, 0]
+    tome = {v.setting: i for i, v in enumerate(variants) if v.label == "tome"}
+    intervals = {}
+    for position, variant in enumerate(variants):
+        if variant.label == "rapid-calibrated":
+            amount = {"r": variant.rapid.r} if variant.rapid.output_tokens is None else {
+                "output_tokens": variant.rapid.output_tokens}
+            _, low, high = paired_bootstrap_ci(agrees[:, position], agrees[:, tome[variant.setting]])
+            intervals[label_of(amount)] = [low, high]
+    return intervals
+
+
+def checks(records: list[dict], settings: list[dict], agreement_ci: dict[str, list[float]]) -> dict[str, Any]:
     """Calibrated RAPID vs ToMe per setting, and the +3 top-1 check at the most aggressive setting ToMe passes."""
     by = {(rec["label"], rec["setting"]): rec for rec in records}
     per_setting = {}
@@ -115,6 +131,7 @@ def checks(records: list[dict], settings: list[dict]) -> dict[str, Any]:
             "agreement_at_or_above_tome": calibrated["agreement"] >= tome["agreement"],
             "kl_at_or_below_tome": calibrated["kl"] <= tome["kl"],
             "delta_agreement": calibrated["agreement"] - tome["agreement"],
+            "delta_agreement_ci95": agreement_ci[label],
             "delta_kl": calibrated["kl"] - tome["kl"],
             "delta_top1": calibrated["top1"] - tome["top1"],
             "delta_top1_ci95": calibrated["delta_top1_vs_tome_ci95"],
@@ -161,7 +178,7 @@ def markdown(records: list[dict], settings: list[dict], logs: dict[str, Any], re
             lines.append(f"| {label} | {by[('tome', label)]['output_tokens']} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["## Calibrated RAPID vs ToMe on the report rows", "",
-              "| setting | K | tau | rho | lambda | calibration KL: start → chosen | Δ agreement | Δ KL "
+              "| setting | K | tau | lambda | merge | calibration KL: start → chosen | Δ agreement [95% CI] | Δ KL "
               "| Δ top-1 [95% CI] |",
               "|---|---|---|---|---|---|---|---|---|"]
     for amount in settings:
@@ -169,10 +186,12 @@ def markdown(records: list[dict], settings: list[dict], logs: dict[str, Any], re
         log, check = logs[label], result_checks["per_setting"][label]
         chosen = log["rapid"]
         low, high = check["delta_top1_ci95"]
+        agreement_low, agreement_high = check["delta_agreement_ci95"]
         lines.append(
-            f"| {label} | {chosen['switch_layer']} | {chosen['prune_threshold']} | {chosen['importance_ratio']} | "
-            f"{chosen['importance_weight']} | {log['start_fidelity']['kl']:.4f} → {log['fidelity']['kl']:.4f} | "
-            f"{100 * check['delta_agreement']:+.2f} | {check['delta_kl']:+.4f} | "
+            f"| {label} | {chosen['switch_layer']} | {chosen['prune_threshold']} | {chosen['importance_weight']} | "
+            f"{chosen['merge_mode'] or 'mean'} | {log['start_fidelity']['kl']:.4f} → {log['fidelity']['kl']:.4f} | "
+            f"{100 * check['delta_agreement']:+.2f} [{100 * agreement_low:+.2f}, {100 * agreement_high:+.2f}] | "
+            f"{check['delta_kl']:+.4f} | "
             f"{100 * check['delta_top1']:+.2f} [{100 * low:+.2f}, {100 * high:+.2f}] |"
         )
     aggressive = result_checks["most_aggressive_with_tome_above_50"]
@@ -211,6 +230,7 @@ def plot(records: list[dict], settings: list[dict], path: Path) -> None:
             axis.set_yscale("log")
         axis.set(xlabel="r (tokens removed per layer)", title=title, xticks=xs)
         axis.grid(alpha=0.3)
+    axes[0].axhline(100 * by[("none", "-")]["top1"], color="gray", linestyle="--", label="none (unreduced)")
     axes[0].legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
@@ -238,11 +258,11 @@ def main(argv: list[str] | None = None) -> None:
 
     rows = load_rows(DataSpec(data_dir=args.data_dir, subset="report", max_samples=args.max_report_images))
     loader = make_dataloader(rows, processor, args.batch_size, num_workers=0)
-    predictions = predict(model, loader, variants_for(settings, logs, auto_k))
+    variants = variants_for(settings, logs, auto_k)
+    predictions = predict(model, loader, variants)
     context = {"model": args.model, "dataset": args.data_dir, "split": "train", "subset": "report"}
-    records = [{**rec, "setting": setting(rec)} for rec in summarize(predictions, variants_for(settings, logs, auto_k),
-                                                                      **context)]
-    result_checks = checks(records, settings)
+    records = [{**rec, "setting": setting(rec)} for rec in summarize(predictions, variants, **context)]
+    result_checks = checks(records, settings, agreement_delta_ci(predictions, variants))
     meta = {"model": args.model, "data": args.data_dir, "num_images": len(pixel_values),
             "auto_switch_layer": auto_k, "command": "python " + " ".join(sys.argv)}
     output = Path(args.output)

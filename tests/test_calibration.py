@@ -24,6 +24,7 @@ from rapid_hf.calibration import (
     save_calibrated,
 )
 from rapid_hf.calibration.statistics import redundant_fraction
+from rapid_hf.evaluation.fidelity import kl_divergence
 from rapid_hf.reduction.matching import bipartite_similarity
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -39,8 +40,8 @@ def load_script(name: str):
 
 TINY = {"hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 128,
         "image_size": 64, "patch_size": 8, "num_labels": 10}
-GRID = {"switch_layer": [0, 2, 4], "prune_threshold": [0.5, 0.9], "importance_ratio": [0.2, 0.5],
-        "importance_weight": [0.0, 50.0]}
+GRID = {"switch_layer": [0, 2, 4], "prune_threshold": [0.5, 0.9], "importance_weight": [0.0, 50.0],
+        "merge_mode": ["mean", "mlerp"]}
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +123,9 @@ def test_calibration_picks_grid_values_and_saves_them(tiny_model, images, tmp_pa
         assert getattr(chosen, name) in values or getattr(chosen, name) == getattr(result.start, name)
     assert result.auto_switch_layer == result.start.switch_layer
     assert result.fidelity.kl <= result.start_fidelity.kl
+    tome = predict_logits(tiny_model, images, RapidConfig(method="tome", r=6))
+    assert result.fidelity.kl <= kl_divergence(predict_logits(tiny_model, images, RapidConfig(method="none")),
+                                               tome).mean().item()
     assert min(t.kl for t in result.trials) == pytest.approx(result.fidelity.kl)
     assert len({json.dumps(t.settings, sort_keys=True) for t in result.trials}) == len(result.trials)
 
@@ -134,7 +138,14 @@ def test_calibration_picks_grid_values_and_saves_them(tiny_model, images, tmp_pa
 
 def test_calibration_searches_only_the_methods_knobs(tiny_model, images):
     result = calibrate(tiny_model, images, RapidConfig(method="crucial", r=4), progress=False)
-    assert {name for trial in result.trials for name in trial.settings} == {"importance_ratio"}
+    assert {name for trial in result.trials for name in trial.settings} == {"importance_ratio", "merge_mode"}
+
+
+def test_rapid_importance_ratio_does_not_change_the_plan(tiny_model, images):
+    # Why the search skips RAPID's rho: theta shifts every source of an image by the same lambda * theta.
+    low = predict_logits(tiny_model, images, RapidConfig(r=6, switch_layer=1, importance_ratio=0.05))
+    high = predict_logits(tiny_model, images, RapidConfig(r=6, switch_layer=1, importance_ratio=0.9))
+    torch.testing.assert_close(low, high, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(
@@ -142,7 +153,7 @@ def test_calibration_searches_only_the_methods_knobs(tiny_model, images):
     [
         (RapidConfig(method="tome", r=4), {}, "no knobs to calibrate"),
         (RapidConfig(r=0), {}, "removes no tokens"),
-        (RapidConfig(r=4), {"searched": ["merge_mode"]}, "cannot search"),
+        (RapidConfig(r=4), {"searched": ["importance_ratio"]}, "cannot search"),
         (RapidConfig(r=4), {"grid": {"prune_threshold": [1.5]}}, "prune_threshold"),
         (RapidConfig(r=4), {"grid": {"switch_layer": [9]}}, r"ints in \[0, 4\]"),
         (RapidConfig(r=4), {"max_rounds": 0}, "max_rounds"),

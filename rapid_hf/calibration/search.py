@@ -3,9 +3,13 @@
 The unreduced logits are computed once; each candidate `RapidConfig` is scored by the mean KL(unreduced ||
 reduced) on the calibration images (ties: higher top-1 agreement). The search sweeps one knob at a time over its
 grid, keeping the best value, and repeats the sweeps until a round changes nothing. Knobs that cannot matter
-for the current point are skipped (tau when K = 0, rho and lambda when K = L, rho when lambda = 0). For RAPID
-the grid contains K = 0 with lambda = 0, which is exactly ToMe, so on the calibration images the chosen point
-is never worse than ToMe.
+for the current point are skipped (tau when K = 0; lambda and the merge mode when K = L). RAPID with K = 0,
+lambda = 0 and mean merging is exactly ToMe; that point is scored first and the search starts from it when it
+beats the given start, so on the calibration images the chosen RAPID is never worse than ToMe.
+
+RAPID's rho is not searched: it only sets theta, and eq. (2) subtracts `lambda * (a_i - theta)`, so theta shifts
+every source of an image by the same amount and the top-r ranking of eq. (4) -- the plan -- does not depend on
+it. The merge mode (size-weighted mean or ToFu's MLERP) is searched instead.
 """
 
 from __future__ import annotations
@@ -24,15 +28,16 @@ from rapid_hf.calibration.statistics import MIN_REDUNDANT_FRACTION, auto_switch_
 from rapid_hf.evaluation.fidelity import kl_divergence, top1_agreement
 from rapid_hf.reduction.config import AUTO, RapidConfig
 
-DEFAULT_GRID: dict[str, tuple[float, ...]] = {
+DEFAULT_GRID: dict[str, tuple[Any, ...]] = {
     "prune_threshold": (0.5, 0.6, 0.7, 0.8, 0.9),
-    "importance_ratio": (0.1, 0.2, 0.3, 0.5),
     "importance_weight": (0.0, 10.0, 25.0, 50.0, 100.0),
+    "importance_ratio": (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 1.0),
+    "merge_mode": ("mean", "mlerp"),
 }
 SEARCHED: dict[str, tuple[str, ...]] = {
-    "rapid": ("switch_layer", "prune_threshold", "importance_ratio", "importance_weight"),
-    "tofu": ("switch_layer",),
-    "crucial": ("importance_ratio",),
+    "rapid": ("switch_layer", "prune_threshold", "importance_weight", "merge_mode"),
+    "tofu": ("switch_layer", "merge_mode"),
+    "crucial": ("importance_ratio", "merge_mode"),
 }
 
 
@@ -127,16 +132,14 @@ def measure_fidelity(
 
 
 def is_relevant(name: str, rapid: RapidConfig, num_layers: int) -> bool:
-    """Whether knob `name` can change what `rapid` computes (RAPID knobs that a stage never reads cannot)."""
-    if rapid.method != "rapid":
+    """Whether knob `name` can change what `rapid` computes (knobs of a stage that never runs cannot)."""
+    if rapid.method not in ("rapid", "tofu"):
         return True
     switch_layer = rapid.resolved_switch_layer(num_layers)
     if name == "prune_threshold":
-        return switch_layer > 0
-    if name == "importance_weight":
+        return rapid.method == "rapid" and switch_layer > 0
+    if name in ("importance_weight", "merge_mode"):
         return switch_layer < num_layers
-    if name == "importance_ratio":
-        return switch_layer < num_layers and rapid.importance_weight > 0
     return True
 
 
@@ -218,6 +221,10 @@ def calibrate(
 
     current = rapid
     best = start_fidelity = score(current)
+    if rapid.method == "rapid":  # ToMe, as a RAPID point: the search never ends worse than it
+        tome = rapid.replace(switch_layer=0, importance_weight=0.0, merge_mode="mean")
+        if score(tome).better_than(best):
+            current, best = tome, score(tome)
     for _ in range(max_rounds):
         changed = False
         for name in searched:
