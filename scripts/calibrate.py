@@ -4,8 +4,9 @@
         --data-dir ../shared/assets/imagenet-sample-dev --r 16 --output-dir calibrated/deit-tiny-r16
 
 Uses the calibration rows of the data (index % 5 == 0; the first --num-images of them), never the rows results
-are reported on. Searches RAPID's switch layer K, pruning threshold tau, importance ratio rho and weight lambda
-(starting from the `switch_layer="auto"` rule) to minimise KL(unreduced || reduced), then writes the model with
+are reported on. Searches RAPID's switch layer K, pruning threshold tau, importance weight lambda and merge mode
+(starting from the `switch_layer="auto"` rule; rho cannot change RAPID's choices, see rapid_hf/calibration/search.py)
+to minimise KL(unreduced || reduced), then writes the model with
 the chosen values in config.json (`save_pretrained`, reload with `from_pretrained`) and the search log as
 calibration.json.
 """

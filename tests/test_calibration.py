@@ -141,6 +141,14 @@ def test_calibration_searches_only_the_methods_knobs(tiny_model, images):
     assert {name for trial in result.trials for name in trial.settings} == {"importance_ratio", "merge_mode"}
 
 
+def test_switch_layer_sweep_changes_nothing_else(tiny_model, images):
+    # What scripts/switch_layer_study.py relies on: one trial per K, every other knob as given (no ToMe seed).
+    result = calibrate(tiny_model, images, RapidConfig(r=6, switch_layer=2), searched=["switch_layer"], max_rounds=1,
+                       progress=False)
+    assert sorted(t.settings["switch_layer"] for t in result.trials) == [0, 1, 2, 3, 4]
+    assert result.rapid.replace(switch_layer=2) == RapidConfig(r=6, switch_layer=2)
+
+
 def test_rapid_importance_ratio_does_not_change_the_plan(tiny_model, images):
     # Why the search skips RAPID's rho: theta shifts every source of an image by the same lambda * theta.
     low = predict_logits(tiny_model, images, RapidConfig(r=6, switch_layer=1, importance_ratio=0.05))

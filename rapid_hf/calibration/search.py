@@ -4,8 +4,9 @@ The unreduced logits are computed once; each candidate `RapidConfig` is scored b
 reduced) on the calibration images (ties: higher top-1 agreement). The search sweeps one knob at a time over its
 grid, keeping the best value, and repeats the sweeps until a round changes nothing. Knobs that cannot matter
 for the current point are skipped (tau when K = 0; lambda and the merge mode when K = L). RAPID with K = 0,
-lambda = 0 and mean merging is exactly ToMe; that point is scored first and the search starts from it when it
-beats the given start, so on the calibration images the chosen RAPID is never worse than ToMe.
+lambda = 0 and mean merging is exactly ToMe; when the searched knobs can reach that point it is scored first
+and the search starts from it if it beats the given start, so on the calibration images the chosen RAPID is
+never worse than ToMe.
 
 RAPID's rho is not searched: it only sets theta, and eq. (2) subtracts `lambda * (a_i - theta)`, so theta shifts
 every source of an image by the same amount and the top-r ranking of eq. (4) -- the plan -- does not depend on
@@ -34,6 +35,8 @@ DEFAULT_GRID: dict[str, tuple[Any, ...]] = {
     "importance_ratio": (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 1.0),
     "merge_mode": ("mean", "mlerp"),
 }
+# RAPID knobs that make it exactly ToMe.
+TOME_POINT: dict[str, Any] = {"switch_layer": 0, "importance_weight": 0.0, "merge_mode": "mean"}
 SEARCHED: dict[str, tuple[str, ...]] = {
     "rapid": ("switch_layer", "prune_threshold", "importance_weight", "merge_mode"),
     "tofu": ("switch_layer", "merge_mode"),
@@ -221,9 +224,10 @@ def calibrate(
 
     current = rapid
     best = start_fidelity = score(current)
-    if rapid.method == "rapid":  # ToMe, as a RAPID point: the search never ends worse than it
-        tome = rapid.replace(switch_layer=0, importance_weight=0.0, merge_mode="mean")
-        if score(tome).better_than(best):
+    if rapid.method == "rapid":
+        tome = rapid.replace(**{name: value for name, value in TOME_POINT.items() if name in searched})
+        is_tome = tome.switch_layer == 0 and tome.importance_weight == 0 and tome.resolved_merge_mode() == "mean"
+        if is_tome and tome != rapid and score(tome).better_than(best):
             current, best = tome, score(tome)
     for _ in range(max_rounds):
         changed = False
