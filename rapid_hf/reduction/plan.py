@@ -41,15 +41,8 @@ def expand_index(index: Tensor, tokens: Tensor) -> Tensor:
 
 
 @dataclass(frozen=True)
-class ReductionPlan:
-    """Indices describing one token-reduction step for a batch.
-
-    Attributes:
-        kept: `(B, |A| - r)` indices of the sources that stay, ascending (CLS first).
-        removed: `(B, r)` indices of the sources that leave.
-        destinations: `(B, r)` destination index (into B) of each removed source, or None when they are pruned.
-        num_protected: 1 (CLS) or 2 (CLS + distillation token).
-    """
+class PlanIndices:
+    """Which tokens stay and leave in one step, and where merged ones go (None: they are pruned)."""
 
     kept: Tensor
     removed: Tensor
@@ -63,6 +56,18 @@ class ReductionPlan:
     @property
     def is_pruning(self) -> bool:
         return self.destinations is None
+
+
+@dataclass(frozen=True)
+class ReductionPlan(PlanIndices):
+    """Indices describing one token-reduction step for a batch.
+
+    Attributes:
+        kept: `(B, |A| - r)` indices of the sources that stay, ascending (CLS first).
+        removed: `(B, r)` indices of the sources that leave.
+        destinations: `(B, r)` destination index (into B) of each removed source, or None when they are pruned.
+        num_protected: 1 (CLS) or 2 (CLS + distillation token).
+    """
 
     def assemble(self, kept: Tensor, destinations: Tensor) -> Tensor:
         if self.num_protected == 2:
@@ -84,7 +89,7 @@ class ReductionPlan:
 
 
 @dataclass(frozen=True)
-class SelectionPlan:
+class SelectionPlan(PlanIndices):
     """A reduction step not tied to the parity split: any patch tokens leave, each merging into a kept token.
 
     Used by crucial-token merging, whose destinations (the most important tokens) can sit at any index.
@@ -96,19 +101,6 @@ class SelectionPlan:
         destinations: `(B, r)` position *in `kept`* that each removed token merges into, or None when pruned.
         num_protected: 1 (CLS) or 2 (CLS + distillation token).
     """
-
-    kept: Tensor
-    removed: Tensor
-    destinations: Tensor | None
-    num_protected: int
-
-    @property
-    def r(self) -> int:
-        return self.removed.shape[1]
-
-    @property
-    def is_pruning(self) -> bool:
-        return self.destinations is None
 
     def sum_into_destinations(self, tokens: Tensor) -> Tensor:
         """Apply the plan to `(B, N, C)` tokens, adding each merged token into its destination."""
