@@ -249,8 +249,9 @@ def main(argv: list[str] | None = None) -> None:
     load_metric("top_k_accuracy")  # fail now, not after the long runs, if the harness cannot score
     model = load_rapid_model(args.model)
     processor = AutoImageProcessor.from_pretrained(args.model)
-    num_tokens = model.base_model.embeddings.patch_embeddings.num_patches + model.num_protected_tokens
-    settings = reduction_settings(args.r, num_tokens, model.config.num_hidden_layers, model.num_protected_tokens)
+    settings = reduction_settings(
+        args.r, model.num_input_tokens, model.config.num_hidden_layers, model.num_protected_tokens
+    )
 
     pixel_values, _ = load_calibration_images(processor, data_dir=args.data_dir, num_images=args.num_images)
     logs = calibrate_all(model, pixel_values, settings, args)

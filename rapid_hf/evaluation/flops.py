@@ -82,7 +82,7 @@ def vit_flops(
 def model_flops(model: Any, token_counts: Sequence[int]) -> FlopCount:
     """FLOPs per image of a Rapid model at its current setting, given the `token_counts` its forward reported."""
     config = model.config
-    num_input_tokens = (config.image_size // config.patch_size) ** 2 + model.num_protected_tokens
+    num_input_tokens = model.num_input_tokens
     steps = layer_steps(model.rapid, num_input_tokens, config.num_hidden_layers, model.num_protected_tokens)
     num_heads = 2 if hasattr(model, "distillation_classifier") else 1
     return vit_flops(config, token_counts, num_input_tokens, steps, model.num_protected_tokens, num_heads)

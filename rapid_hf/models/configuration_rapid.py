@@ -39,11 +39,19 @@ class _RapidConfigMixin:
     def __post_init__(self, **kwargs: Any) -> None:
         super().__post_init__(**kwargs)
         if self.rapid is not None:  # fail at construction and load time (also via AutoConfig), naming the field
-            image, patch = as_pair(self.image_size), as_pair(self.patch_size)
-            num_tokens = (image[0] // patch[0]) * (image[1] // patch[1]) + self.num_protected_tokens
-            RapidConfig.from_dict(self.rapid).validate_for_model(
-                num_layers=self.num_hidden_layers, num_tokens=num_tokens, num_protected=self.num_protected_tokens
-            )
+            self.validate_rapid(RapidConfig.from_dict(self.rapid))
+
+    @property
+    def num_input_tokens(self) -> int:
+        """Tokens entering the encoder at the configured image size: patches plus protected tokens."""
+        image, patch = as_pair(self.image_size), as_pair(self.patch_size)
+        return (image[0] // patch[0]) * (image[1] // patch[1]) + self.num_protected_tokens
+
+    def validate_rapid(self, rapid: RapidConfig) -> None:
+        """The checks of `rapid` that need this architecture (layers, input tokens, protected tokens)."""
+        rapid.validate_for_model(
+            num_layers=self.num_hidden_layers, num_tokens=self.num_input_tokens, num_protected=self.num_protected_tokens
+        )
 
 
 def as_pair(size: int | Sequence[int]) -> tuple[int, int]:

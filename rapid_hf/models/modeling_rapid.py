@@ -88,12 +88,17 @@ class RapidModelMixin:
             raise ValueError(f"set_rapid expects a RapidConfig, got {type(rapid).__name__}")
         rapid.validate_for_model(
             num_layers=self.config.num_hidden_layers,
-            num_tokens=self._backbone.embeddings.patch_embeddings.num_patches + self.num_protected_tokens,
+            num_tokens=self.num_input_tokens,
             num_protected=self.num_protected_tokens,
         )
         check_attention_implementation(self.config._attn_implementation, rapid)
         self._rapid = rapid
         self.config.rapid = rapid.to_dict()
+
+    @property
+    def num_input_tokens(self) -> int:
+        """Tokens entering the encoder at the checkpoint's image size: patches plus protected tokens."""
+        return self._backbone.embeddings.patch_embeddings.num_patches + self.num_protected_tokens
 
     @property
     def _backbone(self) -> torch.nn.Module:

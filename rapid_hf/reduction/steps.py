@@ -38,10 +38,6 @@ class LayerStep:
     importance_ratio: float = 0.2
     importance_weight: float = 50.0
 
-    @property
-    def needs_cls_attention(self) -> bool:
-        return self.operation in ("merge_important", "merge_crucial")
-
 
 def requested_schedule(config: RapidConfig, num_tokens: int, num_layers: int, num_protected: int) -> list[int]:
     """Per-layer requested r for an input of `num_tokens` tokens (before caps)."""
