@@ -1,39 +1,37 @@
-"""rapid_hf: training-free token reduction (RAPID, ToMe, ToFu) for transformers ViT/DeiT classifiers.
+"""rapid_hf: training-free token reduction (RAPID, ToMe, ToFu, crucial-token merging) for transformers ViTs.
 
 Importing the package registers the Rapid configs and models with transformers' Auto classes, so
 `AutoModelForImageClassification.from_pretrained` reloads a saved Rapid model as a Rapid model.
 """
 
-from transformers import AutoConfig, AutoModelForImageClassification
-
+from rapid_hf.models.auto import get_rapid_model, register_auto_classes
 from rapid_hf.models.configuration_rapid import RapidDeiTConfig, RapidViTConfig
 from rapid_hf.models.modeling_rapid import (
     RapidDeiTForImageClassification,
     RapidDeiTForImageClassificationWithTeacher,
-    RapidDeiTWithTeacherOutput,
-    RapidImageClassifierOutput,
+    RapidDeiTModel,
     RapidViTForImageClassification,
+    RapidViTModel,
 )
+from rapid_hf.models.outputs import RapidDeiTWithTeacherOutput, RapidImageClassifierOutput, RapidModelOutput
 from rapid_hf.reduction.config import RapidConfig
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
-AutoConfig.register(RapidViTConfig.model_type, RapidViTConfig, exist_ok=True)
-AutoConfig.register(RapidDeiTConfig.model_type, RapidDeiTConfig, exist_ok=True)
-AutoModelForImageClassification.register(RapidViTConfig, RapidViTForImageClassification, exist_ok=True)
-# Like transformers' own "deit" entry: one config, two heads, chosen by `config.architectures`.
-AutoModelForImageClassification.register(
-    RapidDeiTConfig, (RapidDeiTForImageClassification, RapidDeiTForImageClassificationWithTeacher), exist_ok=True
-)
+register_auto_classes()
 
 __all__ = [
     "RapidConfig",
     "RapidDeiTConfig",
     "RapidDeiTForImageClassification",
     "RapidDeiTForImageClassificationWithTeacher",
+    "RapidDeiTModel",
     "RapidDeiTWithTeacherOutput",
     "RapidImageClassifierOutput",
+    "RapidModelOutput",
     "RapidViTConfig",
     "RapidViTForImageClassification",
+    "RapidViTModel",
     "__version__",
+    "get_rapid_model",
 ]

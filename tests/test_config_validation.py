@@ -12,6 +12,7 @@ import math
 import re
 
 import pytest
+import torch
 from transformers import AutoConfig, AutoModelForImageClassification
 
 from rapid_hf import (
@@ -153,10 +154,19 @@ def test_output_tokens_range_counts_the_distillation_token(tiny_deit):
     assert tiny_deit.rapid.output_tokens == 3
 
 
-@pytest.mark.parametrize("value", [{"method": "tome"}, None, "tome"], ids=["dict", "None", "str"])
-def test_set_rapid_wants_a_rapid_config(tiny_vit, value):
-    with pytest.raises(ValueError, match="set_rapid expects a RapidConfig"):
+@pytest.mark.parametrize("value", ["tome", 8, ["tome"]], ids=["str", "int", "list"])
+def test_set_rapid_wants_settings(tiny_vit, value):
+    with pytest.raises(ValueError, match="rapid settings must be a RapidConfig, a dict of its fields or None"):
         tiny_vit.set_rapid(value)
+    with pytest.raises(ValueError, match="rapid settings must be a RapidConfig"):
+        tiny_vit(pixel_values=torch.randn(1, 3, 32, 32), rapid=value)
+
+
+def test_set_rapid_takes_a_dict_or_none(tiny_vit):
+    tiny_vit.set_rapid({"method": "tome", "r": 2})
+    assert tiny_vit.rapid == RapidConfig(method="tome", r=2)
+    tiny_vit.set_rapid(None)
+    assert tiny_vit.rapid == RapidConfig() and not tiny_vit.rapid.reduces
 
 
 @pytest.mark.parametrize("settings, field, allowed", INVALID_SETTINGS[::3], ids=case_ids(INVALID_SETTINGS[::3]))

@@ -13,7 +13,6 @@ import torch
 
 from rapid_hf import RapidConfig, RapidViTConfig, RapidViTForImageClassification
 from rapid_hf.evaluation.fidelity import kl_divergence, top1_agreement
-from rapid_hf.models.encoder import reduced_encoder_forward
 from rapid_hf.reduction.config import METHODS
 
 TINY = RapidViTConfig(
@@ -103,22 +102,28 @@ def test_two_threads_on_one_model_get_their_serial_results(tiny_model, method):
     assert module_state(tiny_model) == state
 
 
-def test_two_threads_with_different_methods_share_one_backbone(tiny_model):
-    """Per-forward settings are passed explicitly, so one backbone can serve RAPID and ToMe at the same time."""
+def test_two_threads_with_per_call_settings_share_one_model(tiny_model):
+    """`model(..., rapid=...)` runs its settings for that call only: one model serves RAPID and ToMe at once."""
+    own = RapidConfig(method="tofu", r=4, switch_layer=1)
+    tiny_model.set_rapid(own)
     settings = [RapidConfig(method="rapid", r=8, switch_layer=2), RapidConfig(method="tome", r=6)]
     inputs = [torch.randn(4, 3, 64, 64), torch.randn(4, 3, 64, 64)]
 
-    def encode(index: int):
+    def classify(index: int):
         with torch.no_grad():
-            return reduced_encoder_forward(tiny_model.vit, inputs[index], settings[index], num_protected=1)
+            return tiny_model(pixel_values=inputs[index], rapid=settings[index])
 
-    serial = [encode(0), encode(1)]
-    results = run_in_threads(encode, count=2, repeats=10)
+    serial = [classify(0), classify(1)]
+    for index in range(2):  # the same as making them the model's own settings
+        assert torch.equal(serial[index].logits, forward(tiny_model, inputs[index], settings[index]).logits)
+    tiny_model.set_rapid(own)
+    results = run_in_threads(classify, count=2, repeats=10)
     for index, outputs in enumerate(results):
         for output in outputs:
-            assert torch.equal(output.last_hidden_state, serial[index].last_hidden_state)
+            assert torch.equal(output.logits, serial[index].logits)
             assert output.token_counts == serial[index].token_counts
     assert serial[0].token_counts != serial[1].token_counts
+    assert tiny_model.rapid == own and tiny_model.config.rapid == own.to_dict()
 
 
 def run_in_threads(work, count: int, repeats: int) -> list[list]:

@@ -5,17 +5,17 @@ from __future__ import annotations
 import torch
 from transformers import AutoConfig
 
+from rapid_hf.models.encoder import RapidHeadMixin
 from rapid_hf.models.modeling_rapid import (
     RapidDeiTForImageClassification,
     RapidDeiTForImageClassificationWithTeacher,
-    RapidModelMixin,
     RapidViTForImageClassification,
 )
 
 PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def rapid_class_for(name_or_path: str) -> type[RapidModelMixin]:
+def rapid_class_for(name_or_path: str) -> type[RapidHeadMixin]:
     """The Rapid class for a checkpoint, from its config's `model_type` and `architectures`."""
     import rapid_hf  # noqa: F401  (registers rapid_vit / rapid_deit with AutoConfig)
 
@@ -30,7 +30,7 @@ def rapid_class_for(name_or_path: str) -> type[RapidModelMixin]:
     )
 
 
-def load_rapid_model(name_or_path: str, device: str | torch.device = "cpu") -> RapidModelMixin:
+def load_rapid_model(name_or_path: str, device: str | torch.device = "cpu") -> RapidHeadMixin:
     """The checkpoint as a Rapid model in eval mode on `device` (float32 weights; use autocast for fp16/bf16)."""
     model = rapid_class_for(name_or_path).from_pretrained(name_or_path)
     return model.to(device).eval()

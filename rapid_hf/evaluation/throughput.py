@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from rapid_hf.evaluation.flops import counted_flops, model_flops
 from rapid_hf.evaluation.loading import autocast_for
 from rapid_hf.evaluation.variants import REFERENCE, Variant
-from rapid_hf.models.encoder import REDUCTION_RANGE
+from rapid_hf.models.layers import REDUCTION_RANGE
 
 TIMERS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "process": time.process_time}
 

@@ -1,12 +1,14 @@
-"""Transformers configs of the Rapid models: the ViT/DeiT config plus a `rapid` dict of reduction settings.
+"""Transformers configs of the Rapid models: the family's config plus a `rapid` dict of reduction settings.
 
-They have their own `model_type` ("rapid_vit", "rapid_deit") so Auto classes find the Rapid classes after
-`import rapid_hf`, and they read the ordinary `vit`/`deit` checkpoints of the Hub silently.
+They have their own `model_type` ("rapid_vit", "rapid_deit", ...) so Auto classes find the Rapid classes after
+`import rapid_hf`, and they read the ordinary checkpoints of the Hub silently. `config.rapid` is the one source
+of truth of a model's own settings: the forward runs it, `save_pretrained` writes it, and assigning it (a
+`RapidConfig` or its dict) is validated at once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from transformers import DeiTConfig, ViTConfig
@@ -36,10 +38,31 @@ class _RapidConfigMixin:
             )
         return config_dict, kwargs
 
-    def __post_init__(self, **kwargs: Any) -> None:
-        super().__post_init__(**kwargs)
-        if self.rapid is not None:  # fail at construction and load time (also via AutoConfig), naming the field
-            self.validate_rapid(RapidConfig.from_dict(self.rapid))
+    def __setattr__(self, key: str, value: Any) -> None:
+        if key == "rapid" and value is not None:
+            # Stored as the JSON dict save_pretrained writes; checked at construction, at load time (also via
+            # AutoConfig) and on every assignment, naming the field.
+            settings = as_rapid_config(value)
+            if "num_hidden_layers" in self.__dict__:
+                self.validate_rapid(settings)
+            value = settings.to_dict()
+        super().__setattr__(key, value)
+
+    @classmethod
+    def for_model(cls, config: Any, rapid: RapidConfig | Mapping[str, Any] | None = None) -> Any:
+        """The config a Rapid model is built with: `config` itself, or this class made from the family's plain
+        config (e.g. a `ViTConfig`, same fields); with `rapid` set when given."""
+        # By model_type, not class: transformers' remote-code loader may import this module twice.
+        if getattr(config, "model_type", None) != cls.model_type:
+            if getattr(config, "model_type", None) not in cls.source_model_types:
+                raise ValueError(
+                    f"a {type(config).__name__} cannot configure a Rapid model built on {cls.__name__}: "
+                    f"{cls.rapid_class_hint}"
+                )
+            config = cls.from_dict({**config.to_dict(), "model_type": cls.model_type})
+        if rapid is not None:
+            config.rapid = rapid
+        return config
 
     @property
     def num_input_tokens(self) -> int:
@@ -52,6 +75,19 @@ class _RapidConfigMixin:
         rapid.validate_for_model(
             num_layers=self.num_hidden_layers, num_tokens=self.num_input_tokens, num_protected=self.num_protected_tokens
         )
+
+
+def as_rapid_config(settings: RapidConfig | Mapping[str, Any] | None) -> RapidConfig:
+    """Reduction settings given as a `RapidConfig`, its dict (as in config.json) or None (no reduction)."""
+    if settings is None:
+        return RapidConfig()
+    if isinstance(settings, RapidConfig):
+        return settings
+    if isinstance(settings, Mapping):
+        return RapidConfig.from_dict(settings)
+    raise ValueError(
+        f"rapid settings must be a RapidConfig, a dict of its fields or None, got {type(settings).__name__}"
+    )
 
 
 def as_pair(size: int | Sequence[int]) -> tuple[int, int]:

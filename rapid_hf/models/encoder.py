@@ -1,27 +1,30 @@
-"""The reduced encoder forward over a stock transformers `ViTModel`/`DeiTModel` backbone.
+"""The reduced backbone forward shared by every family: embeddings, each layer through its own `__call__` with
+its reduction step, the final norm; plus the checks at the model's boundary.
 
-The backbone's own modules (embeddings, layers, final layer norm) do the work, so ordinary checkpoints load
-unchanged; this loop only adds a reduction step between each layer's attention residual and its MLP. All
-per-forward state (sizes, token counts) lives in local variables and the returned output, never on modules,
-so one model object can serve several threads at once.
+A family's backbone class mixes `ReducedBackboneMixin` into its stock backbone (e.g. `ViTModel`) and says how it
+embeds pixels (`embed`) and finishes the sequence (`finish`). transformers' `capture_outputs` collects hidden
+states and attention maps through hooks on the layer and attention modules, as for the stock model. All
+per-forward state (settings, sizes, plans, traces) lives in local variables and the returned output, never on
+modules, so one model object can serve several threads with different settings at once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.vit.modeling_vit import eager_attention_forward
+from transformers.masking_utils import create_bidirectional_mask
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
 
-from rapid_hf.models.configuration_rapid import as_pair
-from rapid_hf.reduction.attention import size_bias
+from rapid_hf.models.configuration_rapid import as_pair, as_rapid_config
+from rapid_hf.models.layers import swap_module_classes
+from rapid_hf.models.outputs import RapidModelOutput
 from rapid_hf.reduction.config import RapidConfig
-from rapid_hf.reduction.steps import LayerStep, layer_steps, reduce_tokens
+from rapid_hf.reduction.steps import layer_steps
 from rapid_hf.reduction.tracing import (
-    Plan,
     initial_assignment,
     initial_pruned_at,
     scatter_to_patches,
@@ -29,27 +32,11 @@ from rapid_hf.reduction.tracing import (
     update_assignment,
 )
 
+FORWARD_OPTIONS = frozenset({"output_hidden_states", "output_attentions"})
+"""Keyword arguments the reduced forward passes on to the layers (as the stock forward does)."""
 
-@dataclass
-class ReducedEncoderOutput:
-    """What the reduced encoder returns to the model heads.
-
-    With `output_sources` (P = patches of the input's grid, row-major; CLS/distillation tokens are not patches):
-    `sources` `(B, N_out, P)` bool, which patches each output token stands for; `layer_sources` one
-    `(B, N_l, P)` bool per layer, after its reduction. With `output_dense`: `dense_features` `(B, P, C)`, each
-    patch given its output token's final feature (zeros for pruned patches). With either: `pruned_at` `(B, P)`
-    long, the layer that pruned each patch (-1: never).
-    """
-
-    last_hidden_state: Tensor
-    sizes: Tensor
-    token_counts: tuple[int, ...]
-    hidden_states: tuple[Tensor, ...] | None = None
-    attentions: tuple[Tensor | None, ...] | None = None
-    sources: Tensor | None = None
-    pruned_at: Tensor | None = None
-    layer_sources: tuple[Tensor, ...] | None = None
-    dense_features: Tensor | None = None
+FLOAT_BIAS_ATTENTION: tuple[str | None, ...] = (None, "eager", "sdpa")
+"""Attention implementations that take proportional attention's additive float bias `(B, 1, 1, N)`."""
 
 
 def check_pixel_values(
@@ -57,17 +44,19 @@ def check_pixel_values(
     num_channels: int,
     patch_size: int | Sequence[int] | None = None,
     image_size: int | Sequence[int] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Tensor:
-    """Reject inputs the encoder cannot reduce, with a message naming the problem.
+    """Reject inputs the encoder cannot reduce, with a message naming the problem; return them in `dtype`.
 
     `patch_size`: the image must hold at least one patch. `image_size`: the size the model's position embeddings
-    were trained for; pass None when interpolating them (`interpolate_pos_encoding=True`).
+    were trained for; pass None when interpolating them (`interpolate_pos_encoding=True`). `dtype`: the model's
+    dtype; pixels are cast to it *before* the finiteness test, so a value that only overflows there (a float32
+    7e4 fed to a float16 model) is refused too.
 
     NaN/inf pixels are refused (ValueError): they make similarity scores NaN, and token choices ranked by NaN
-    are arbitrary. The test is one float32 sum over the input (0.04% of a DeiT-Tiny forward on CPU, see
-    results/robustness.md; on a GPU it adds one device sync). Under `torch.compile` (and for meta tensors) it is
-    skipped to keep the graph whole: a non-finite pixel then turns every logit of its image, and only of its
-    image, into NaN.
+    are arbitrary. The test is one float32 sum over the input (0.04% of a DeiT-Tiny forward on CPU; on a GPU it
+    adds one device sync). Under `torch.compile` (and for meta tensors) it is skipped to keep the graph whole: a
+    non-finite pixel then turns every logit of its image, and only of its image, into NaN.
     """
     if pixel_values is None:
         raise ValueError("pixel_values is required (a float tensor of shape (batch, channels, height, width))")
@@ -96,31 +85,30 @@ def check_pixel_values(
     if patch_size is not None and (height < as_pair(patch_size)[0] or width < as_pair(patch_size)[1]):
         patch = "x".join(map(str, as_pair(patch_size)))
         raise ValueError(f"pixel_values of {height}x{width} px is smaller than one {patch} patch")
+    cast = pixel_values if dtype is None or pixel_values.dtype == dtype else pixel_values.to(dtype)
     checkable = not torch.compiler.is_compiling() and pixel_values.device.type != "meta"
-    if checkable and not torch.isfinite(pixel_values.sum(dtype=torch.float32)):
-        _raise_not_finite(pixel_values)
-    return pixel_values
+    if checkable and not torch.isfinite(cast.sum(dtype=torch.float32)):
+        _raise_not_finite(pixel_values, cast)
+    return cast
 
 
-def _raise_not_finite(pixel_values: Tensor) -> None:
-    finite = torch.isfinite(pixel_values)
-    if finite.all():
+def _raise_not_finite(pixel_values: Tensor, cast: Tensor) -> None:
+    if not torch.isfinite(pixel_values).all():
+        images = (~torch.isfinite(pixel_values)).flatten(1).any(dim=1).nonzero().flatten().tolist()
         raise ValueError(
-            f"pixel_values are too large (largest |value| {pixel_values.abs().max().item():.3g}): their float32 "
-            "sum overflows; preprocessed pixel values are normally within a few units of 0"
+            f"pixel_values has {int(pixel_values.isnan().sum())} NaN and {int(pixel_values.isinf().sum())} "
+            f"infinite value(s) (batch index {images}): token reduction cannot rank tokens by NaN similarity scores"
         )
-    images = (~finite).flatten(1).any(dim=1).nonzero().flatten().tolist()
+    largest = pixel_values.abs().max().item()
+    if not torch.isfinite(cast).all():
+        raise ValueError(
+            f"pixel_values overflow the model's dtype {cast.dtype} (largest |value| {largest:.3g}, largest finite "
+            f"{torch.finfo(cast.dtype).max:.3g}); preprocessed pixel values are normally within a few units of 0"
+        )
     raise ValueError(
-        f"pixel_values has {int(pixel_values.isnan().sum())} NaN and {int(pixel_values.isinf().sum())} infinite "
-        f"value(s) (batch index {images}): token reduction cannot rank tokens by NaN similarity scores"
+        f"pixel_values are too large (largest |value| {largest:.3g}): their float32 sum overflows; preprocessed "
+        "pixel values are normally within a few units of 0"
     )
-
-
-REDUCTION_RANGE = "rapid_hf.reduce_tokens"
-"""Name of the profiler range around each layer's reduction step (`torch.profiler.record_function`)."""
-
-FLOAT_BIAS_ATTENTION: tuple[str | None, ...] = (None, "eager", "sdpa")
-"""Attention implementations that take proportional attention's additive float bias `(B, 1, 1, N)`."""
 
 
 def check_attention_implementation(attn_implementation: str | None, rapid: RapidConfig) -> None:
@@ -133,116 +121,194 @@ def check_attention_implementation(attn_implementation: str | None, rapid: Rapid
         )
 
 
-def _attention_interface(attention: nn.Module) -> Callable:
-    return ALL_ATTENTION_FUNCTIONS.get_interface(attention.config._attn_implementation, eager_attention_forward)
+def check_forward_options(kwargs: Mapping[str, Any]) -> None:
+    """Refuse keyword arguments the reduced forward would otherwise silently ignore."""
+    unsupported = sorted(set(kwargs) - FORWARD_OPTIONS)
+    if unsupported:
+        raise ValueError(
+            f"unsupported forward argument(s) {unsupported}; Rapid models take pixel_values, labels, "
+            f"interpolate_pos_encoding, rapid, output_sources, output_dense and {sorted(FORWARD_OPTIONS)}"
+        )
 
 
-def reduced_layer_forward(
-    layer: nn.Module,
-    hidden: Tensor,
-    sizes: Tensor | None,
-    step: LayerStep,
-    num_protected: int,
-    prop_attn: bool,
-) -> tuple[Tensor, Tensor | None, Tensor | None, Plan | None]:
-    """A ViT/DeiT layer with a reduction step after the attention residual (ToMe's placement).
+class RapidSettingsMixin:
+    """Reduction settings on a transformers model (backbone or head): `rapid`, `set_rapid`, `rapid=` at build.
 
-    Mirrors the stock layer operation for operation, so with nothing to remove the result is bit-identical.
-    Returns the new hidden states, sizes, the attention weights (None under SDPA) and the layer's reduction
-    plan (None if nothing moved), which tracing applies to its patch map.
+    The model's own settings live in `config.rapid` (what the forward runs and `save_pretrained` writes);
+    `forward(..., rapid=RapidConfig(...))` runs other settings for one call without touching them. Built from
+    a family's plain config (e.g. `ViTConfig`), the model gets the Rapid config class, so it saves and reloads
+    as a Rapid model. `module_classes` maps the family's stock submodule classes to their Rapid subclasses.
     """
-    attention = layer.attention
-    normed = layer.layernorm_before(hidden)
-    head_shape = (*normed.shape[:-1], -1, attention.head_dim)
-    query = attention.q_proj(normed).view(head_shape).transpose(1, 2)
-    keys = attention.k_proj(normed).view(head_shape).transpose(1, 2)
-    values = attention.v_proj(normed).view(head_shape).transpose(1, 2)
-    bias = size_bias(sizes, query.dtype) if prop_attn else None
-    attended, weights = _attention_interface(attention)(
-        attention,
-        query,
-        keys,
-        values,
-        bias,
-        dropout=0.0 if not attention.training else attention.attention_dropout,
-        scaling=attention.scaling,
-    )
-    attended = attention.o_proj(attended.reshape(*normed.shape[:-1], -1).contiguous())
-    hidden = layer.dropout(attended) + hidden
 
-    with torch.profiler.record_function(REDUCTION_RANGE):  # lets profilers and the benchmark time the reduction
-        hidden, sizes, plan = reduce_tokens(step, hidden, sizes, keys, query, attention.scaling, bias, num_protected)
+    config_class: type
+    module_classes: Mapping[type, type]
 
-    residual = hidden
-    hidden = layer.dropout(layer.mlp(layer.layernorm_after(hidden)))
-    return hidden + residual, sizes, weights, plan
+    def __init__(self, config: Any, *args: Any, rapid: RapidConfig | Mapping[str, Any] | None = None, **kwargs):
+        super().__init__(self.config_class.for_model(config, rapid), *args, **kwargs)
+        swap_module_classes(self, self.module_classes)
+
+    @property
+    def rapid(self) -> RapidConfig:
+        """The model's own reduction settings (`config.rapid` as a `RapidConfig`)."""
+        return as_rapid_config(self.config.rapid)
+
+    @rapid.setter
+    def rapid(self, rapid: RapidConfig | Mapping[str, Any] | None) -> None:
+        self.set_rapid(rapid)
+
+    def set_rapid(self, rapid: RapidConfig | Mapping[str, Any] | None) -> None:
+        """Change the model's own settings in place (no reload): sets `config.rapid`, validated for this model."""
+        settings = as_rapid_config(rapid)
+        check_attention_implementation(self.config._attn_implementation, settings)
+        self.config.rapid = settings
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, rapid: RapidConfig | Mapping[str, Any] | None = None, **kwargs: Any):
+        """`PreTrainedModel.from_pretrained`, plus `rapid=RapidConfig(...)` to set the model's settings at load."""
+        model = super().from_pretrained(*args, **kwargs)
+        if rapid is not None:
+            (model[0] if isinstance(model, tuple) else model).set_rapid(rapid)
+        return model
 
 
-def reduced_encoder_forward(
-    backbone: nn.Module,
-    pixel_values: Tensor,
-    rapid: RapidConfig,
-    num_protected: int,
-    interpolate_pos_encoding: bool = False,
-    output_hidden_states: bool = False,
-    output_attentions: bool = False,
-    output_sources: bool = False,
-    output_dense: bool = False,
-) -> ReducedEncoderOutput:
-    """Embeddings, every layer with its reduction step, then the final layer norm of `backbone`.
+class ReducedBackboneMixin(RapidSettingsMixin):
+    """The reduced forward of a backbone (`ViTModel`, `DeiTModel`, ...); families implement the hooks below.
 
-    `output_sources` / `output_dense` trace which patches each token stands for (see `ReducedEncoderOutput`);
-    when both are off no trace is computed at all.
+    `num_protected_tokens`: tokens at the front of the sequence that are never removed, merged or used as merge
+    destinations (CLS, a distillation token, registers); only CLS may receive merges.
     """
-    embeddings = backbone.embeddings
-    check_attention_implementation(backbone.config._attn_implementation, rapid)
-    patch_embeddings = embeddings.patch_embeddings
-    pixel_values = check_pixel_values(
-        pixel_values,
-        patch_embeddings.num_channels,
-        patch_embeddings.patch_size,
-        image_size=None if interpolate_pos_encoding else patch_embeddings.image_size,
-    )
-    expected_dtype = embeddings.patch_embeddings.projection.weight.dtype
-    if pixel_values.dtype != expected_dtype:
-        pixel_values = pixel_values.to(expected_dtype)
-    hidden = embeddings(pixel_values, interpolate_pos_encoding=bool(interpolate_pos_encoding))
 
-    layers = backbone.layers
-    steps = layer_steps(rapid, hidden.shape[1], len(layers), num_protected)
-    sizes: Tensor | None = None
-    counts: list[int] = []
-    all_hidden: list[Tensor] = [hidden] if output_hidden_states else []
-    all_attentions: list[Tensor | None] = []
-    trace = output_sources or output_dense
-    if trace:
-        assignment = initial_assignment(hidden.shape[0], hidden.shape[1] - num_protected, num_protected, hidden.device)
-        pruned_at = initial_pruned_at(assignment)
-    layer_sources: list[Tensor] = []
-    for index, (layer, step) in enumerate(zip(layers, steps, strict=True)):
-        num_tokens = hidden.shape[1]
-        hidden, sizes, weights, plan = reduced_layer_forward(layer, hidden, sizes, step, num_protected, rapid.prop_attn)
-        if trace and plan is not None:
-            assignment, pruned_at = update_assignment(plan, assignment, pruned_at, num_tokens, index)
-        if output_sources:
-            layer_sources.append(sources_from_assignment(assignment, hidden.shape[1]))
-        counts.append(hidden.shape[1])
-        if output_hidden_states:
-            all_hidden.append(hidden)
-        if output_attentions:
-            all_attentions.append(weights)
+    num_protected_tokens: int = 1
 
-    if sizes is None:
-        sizes = hidden.new_ones(*hidden.shape[:2], 1, dtype=torch.float32)
-    last_hidden_state = backbone.layernorm(hidden)
-    return ReducedEncoderOutput(
-        last_hidden_state=last_hidden_state,
-        sizes=sizes[..., 0],
-        token_counts=tuple(counts),
-        hidden_states=tuple(all_hidden) if output_hidden_states else None,
-        attentions=tuple(all_attentions) if output_attentions else None,
-        sources=sources_from_assignment(assignment, hidden.shape[1]) if output_sources else None,
-        pruned_at=pruned_at if trace else None,
-        layer_sources=tuple(layer_sources) if output_sources else None,
-        dense_features=scatter_to_patches(last_hidden_state, assignment) if output_dense else None,
-    )
+    @property
+    def reducing_layers(self) -> nn.ModuleList:
+        """The layers, in order, each a `ReducingLayerMixin`."""
+        return self.layers
+
+    @property
+    def patch_embedding(self) -> nn.Module:
+        """The module with `num_channels`, `patch_size` and `image_size` of the patch embedding."""
+        return self.embeddings.patch_embeddings
+
+    @property
+    def embedding_dtype(self) -> torch.dtype:
+        """The dtype pixels are cast to (the patch projection's)."""
+        return self.patch_embedding.projection.weight.dtype
+
+    def embed(self, pixel_values: Tensor, bool_masked_pos: Tensor | None, interpolate_pos_encoding: bool) -> Tensor:
+        """The token sequence entering the first layer."""
+        return self.embeddings(
+            pixel_values, bool_masked_pos=bool_masked_pos, interpolate_pos_encoding=interpolate_pos_encoding
+        )
+
+    def finish(self, hidden_states: Tensor) -> tuple[Tensor, Tensor | None]:
+        """`(last_hidden_state, pooler_output)` from the last layer's output."""
+        sequence_output = self.layernorm(hidden_states)
+        pooler = getattr(self, "pooler", None)
+        return sequence_output, pooler(sequence_output) if pooler is not None else None
+
+    def rapid_settings(self, rapid: RapidConfig | Mapping[str, Any] | None) -> RapidConfig:
+        """The settings of one forward: `rapid` if given, else the model's own `config.rapid`."""
+        return as_rapid_config(self.config.rapid if rapid is None else rapid)
+
+    @merge_with_config_defaults
+    @capture_outputs(tie_last_hidden_states=False)
+    def forward(
+        self,
+        pixel_values: Tensor | None = None,
+        bool_masked_pos: Tensor | None = None,
+        interpolate_pos_encoding: bool | None = None,
+        attention_mask: Tensor | None = None,
+        rapid: RapidConfig | Mapping[str, Any] | None = None,
+        output_sources: bool = False,
+        output_dense: bool = False,
+        **kwargs: Any,
+    ) -> RapidModelOutput:
+        """The stock backbone forward with a reduction step in each layer.
+
+        `rapid`: settings for this call only (a `RapidConfig` or its dict); None runs the model's `config.rapid`.
+        `output_sources` / `output_dense` trace which patches each token stands for (see `RapidModelOutput`);
+        when both are off no trace is computed at all.
+        """
+        check_forward_options(kwargs)
+        settings = self.rapid_settings(rapid)
+        check_attention_implementation(self.config._attn_implementation, settings)
+        if attention_mask is not None and settings.reduces:
+            raise ValueError("attention_mask cannot be combined with token reduction (tokens merge and leave)")
+        patch_embedding = self.patch_embedding
+        pixel_values = check_pixel_values(
+            pixel_values,
+            patch_embedding.num_channels,
+            patch_embedding.patch_size,
+            image_size=None if interpolate_pos_encoding else patch_embedding.image_size,
+            dtype=self.embedding_dtype,
+        )
+        hidden = self.embed(pixel_values, bool_masked_pos, bool(interpolate_pos_encoding))
+        attention_mask = create_bidirectional_mask(
+            config=self.config, inputs_embeds=hidden, attention_mask=attention_mask
+        )
+
+        layers = self.reducing_layers
+        num_protected = self.num_protected_tokens
+        settings.validate_for_model(num_layers=len(layers), num_tokens=hidden.shape[1], num_protected=num_protected)
+        steps = layer_steps(settings, hidden.shape[1], len(layers), num_protected)
+        sizes: Tensor | None = None
+        counts: list[int] = []
+        trace = output_sources or output_dense
+        if trace:
+            assignment = initial_assignment(
+                hidden.shape[0], hidden.shape[1] - num_protected, num_protected, hidden.device
+            )
+            pruned_at = initial_pruned_at(assignment)
+        layer_sources: list[Tensor] = []
+        for index, (layer, step) in enumerate(zip(layers, steps, strict=True)):
+            num_tokens = hidden.shape[1]
+            hidden, sizes, plan = layer(
+                hidden,
+                sizes,
+                attention_mask,
+                step=step,
+                num_protected=num_protected,
+                prop_attn=settings.prop_attn,
+                **kwargs,
+            )
+            if trace and plan is not None:
+                assignment, pruned_at = update_assignment(plan, assignment, pruned_at, num_tokens, index)
+            if output_sources:
+                layer_sources.append(sources_from_assignment(assignment, hidden.shape[1]))
+            counts.append(hidden.shape[1])
+
+        if sizes is None:
+            sizes = hidden.new_ones(*hidden.shape[:2], 1, dtype=torch.float32)
+        last_hidden_state, pooler_output = self.finish(hidden)
+        return RapidModelOutput(
+            last_hidden_state=last_hidden_state,
+            pooler_output=pooler_output,
+            token_counts=tuple(counts),
+            sizes=sizes[..., 0],
+            sources=sources_from_assignment(assignment, hidden.shape[1]) if output_sources else None,
+            pruned_at=pruned_at if trace else None,
+            layer_sources=tuple(layer_sources) if output_sources else None,
+            dense_features=scatter_to_patches(last_hidden_state, assignment) if output_dense else None,
+        )
+
+
+class RapidHeadMixin(RapidSettingsMixin):
+    """A task head over a reduced backbone (`model.vit`, `model.deit`, ...)."""
+
+    base_model_prefix: str
+
+    @property
+    def rapid_backbone(self) -> ReducedBackboneMixin:
+        """The reduced backbone (e.g. `model.vit`)."""
+        return getattr(self, self.base_model_prefix)
+
+    @property
+    def num_protected_tokens(self) -> int:
+        """Tokens at the front that are never removed (CLS, distillation token, registers)."""
+        return self.rapid_backbone.num_protected_tokens
+
+    @property
+    def num_input_tokens(self) -> int:
+        """Tokens entering the encoder at the checkpoint's image size: patches plus protected tokens."""
+        return self.rapid_backbone.patch_embedding.num_patches + self.num_protected_tokens

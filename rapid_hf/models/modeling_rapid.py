@@ -1,176 +1,131 @@
-"""Drop-in token-reduced ViT/DeiT image classifiers: subclasses of the transformers classes.
+"""ViT/DeiT family adapter and the drop-in Rapid classes: subclasses of the transformers classes.
 
-Each class keeps the stock backbone and heads (so `google/vit-*` and `facebook/deit-*` checkpoints load with
-no missing or unexpected keys) and replaces only the forward pass with the reduced encoder.
+Each class keeps the stock modules and weights (so `google/vit-*` and `facebook/deit-*` checkpoints load with no
+missing or unexpected keys); its backbone, layers and attention modules become the Rapid subclasses below, which
+add no parameters. What the adapter says about the family: CLS (and DeiT's distillation token) are protected, and
+the layer splits into `layernorm_before -> attention -> dropout + residual` and
+`layernorm_after -> mlp -> dropout + residual` (mirrors `ViTLayer.forward` / `DeiTLayer.forward` of
+transformers 5.24; `tests/test_adapters.py` fails if the stock forwards compute something else).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
-import torch
+from torch import Tensor
 from transformers import (
     DeiTForImageClassification,
     DeiTForImageClassificationWithTeacher,
+    DeiTModel,
     ViTForImageClassification,
+    ViTModel,
 )
-from transformers.modeling_outputs import ImageClassifierOutput
-from transformers.models.deit.modeling_deit import DeiTForImageClassificationWithTeacherOutput
+from transformers.models.deit.modeling_deit import DeiTAttention, DeiTLayer
+from transformers.models.vit.modeling_vit import ViTAttention, ViTLayer
 from transformers.utils.generic import can_return_tuple
 
 from rapid_hf.models.configuration_rapid import RapidDeiTConfig, RapidViTConfig
-from rapid_hf.models.encoder import ReducedEncoderOutput, check_attention_implementation, reduced_encoder_forward
+from rapid_hf.models.encoder import RapidHeadMixin, ReducedBackboneMixin
+from rapid_hf.models.layers import ReducingAttentionMixin, ReducingLayerMixin, inherit_checkpoint_conversions
+from rapid_hf.models.outputs import (
+    RapidDeiTWithTeacherOutput,
+    RapidImageClassifierOutput,
+    RapidModelOutput,
+    reduction_fields,
+)
 from rapid_hf.reduction.config import RapidConfig
 
 
-@dataclass
-class RapidImageClassifierOutput(ImageClassifierOutput):
-    """`ImageClassifierOutput` plus what the reduction did.
+class _ViTStyleLayerMixin(ReducingLayerMixin):
+    """ViT and DeiT layers: pre-norm attention and MLP, dropout before each residual add."""
 
-    token_counts: tokens after each layer (same for every image of the batch).
-    sizes: `(batch, tokens)` how many input tokens each output token stands for.
+    def attention_residual(self, hidden_states: Tensor, attention_bias: Tensor | None, **kwargs: Any):
+        attended, _, keys, query = self.attention(self.layernorm_before(hidden_states), attention_bias, **kwargs)
+        return self.dropout(attended) + hidden_states, keys, query
 
-    Only with `output_sources=True` (P = patches of the input's grid, row-major; CLS/distillation are not patches):
-    sources: `(batch, tokens, P)` bool, the patches each output token stands for (protected rows all False).
-    layer_sources: one `(batch, tokens_l, P)` bool per layer, the sources after that layer's reduction.
-
-    Only with `output_dense=True`:
-    dense_features: `(batch, P, hidden)` each patch's output-token feature (zeros where pruned), for dense heads.
-
-    With either: pruned_at: `(batch, P)` long, the layer whose reduction pruned each patch; -1 if never pruned.
-    """
-
-    token_counts: tuple[int, ...] | None = None
-    sizes: torch.FloatTensor | None = None
-    sources: torch.BoolTensor | None = None
-    pruned_at: torch.LongTensor | None = None
-    layer_sources: tuple[torch.BoolTensor, ...] | None = None
-    dense_features: torch.FloatTensor | None = None
+    def mlp_residual(self, hidden_states: Tensor) -> Tensor:
+        return self.dropout(self.mlp(self.layernorm_after(hidden_states))) + hidden_states
 
 
-@dataclass
-class RapidDeiTWithTeacherOutput(DeiTForImageClassificationWithTeacherOutput):
-    """`DeiTForImageClassificationWithTeacherOutput` plus the fields of `RapidImageClassifierOutput`."""
-
-    token_counts: tuple[int, ...] | None = None
-    sizes: torch.FloatTensor | None = None
-    sources: torch.BoolTensor | None = None
-    pruned_at: torch.LongTensor | None = None
-    layer_sources: tuple[torch.BoolTensor, ...] | None = None
-    dense_features: torch.FloatTensor | None = None
+class RapidViTAttention(ReducingAttentionMixin, ViTAttention):
+    """`ViTAttention` that also returns its keys and query."""
 
 
-FORWARD_OPTIONS = frozenset(
-    {"output_hidden_states", "output_attentions", "return_dict", "output_sources", "output_dense"}
-)
-"""Keyword arguments the Rapid forwards accept besides pixel_values, labels, interpolate_pos_encoding."""
+class RapidViTLayer(_ViTStyleLayerMixin, ViTLayer):
+    """`ViTLayer` with a reduction step between attention and MLP."""
 
 
-class RapidModelMixin:
-    """Reduction settings on a transformers classifier: `rapid`, `set_rapid`, `from_pretrained(rapid=...)`."""
-
-    num_protected_tokens: int = 1
-
-    def __init__(self, config: RapidViTConfig | RapidDeiTConfig) -> None:
-        super().__init__(config)
-        settings = getattr(self.config, "rapid", None)
-        self.set_rapid(RapidConfig() if settings is None else RapidConfig.from_dict(settings))
-
-    @property
-    def rapid(self) -> RapidConfig:
-        """The active reduction settings."""
-        return self._rapid
-
-    def set_rapid(self, rapid: RapidConfig) -> None:
-        """Switch method / r in place (no reload); stored in `config.rapid` so `save_pretrained` keeps it."""
-        if not isinstance(rapid, RapidConfig):
-            raise ValueError(f"set_rapid expects a RapidConfig, got {type(rapid).__name__}")
-        rapid.validate_for_model(
-            num_layers=self.config.num_hidden_layers,
-            num_tokens=self.num_input_tokens,
-            num_protected=self.num_protected_tokens,
-        )
-        check_attention_implementation(self.config._attn_implementation, rapid)
-        self._rapid = rapid
-        self.config.rapid = rapid.to_dict()
-
-    @property
-    def num_input_tokens(self) -> int:
-        """Tokens entering the encoder at the checkpoint's image size: patches plus protected tokens."""
-        return self._backbone.embeddings.patch_embeddings.num_patches + self.num_protected_tokens
-
-    @property
-    def _backbone(self) -> torch.nn.Module:
-        return getattr(self, self.base_model_prefix)
-
-    @classmethod
-    def from_pretrained(cls, *args: Any, rapid: RapidConfig | None = None, **kwargs: Any):
-        """`PreTrainedModel.from_pretrained`, plus `rapid=RapidConfig(...)` to set the reduction at load."""
-        model = super().from_pretrained(*args, **kwargs)
-        loaded = model[0] if isinstance(model, tuple) else model
-        if rapid is not None:
-            loaded.set_rapid(rapid)
-        return model
-
-    def _encode(
-        self,
-        pixel_values: torch.Tensor | None,
-        interpolate_pos_encoding: bool | None,
-        attention_mask: torch.Tensor | None,
-        kwargs: dict[str, Any],
-    ) -> ReducedEncoderOutput:
-        if attention_mask is not None:
-            raise ValueError("attention_mask is not supported by Rapid models: ViT attends to every patch token")
-        unsupported = sorted(set(kwargs) - FORWARD_OPTIONS)
-        if unsupported:
-            raise ValueError(f"unsupported forward argument(s) {unsupported}")
-        return reduced_encoder_forward(
-            self._backbone,
-            pixel_values,
-            self._rapid,
-            self.num_protected_tokens,
-            interpolate_pos_encoding=bool(interpolate_pos_encoding),
-            output_hidden_states=bool(kwargs.get("output_hidden_states", self.config.output_hidden_states)),
-            output_attentions=bool(kwargs.get("output_attentions", self.config.output_attentions)),
-            output_sources=bool(kwargs.get("output_sources", False)),
-            output_dense=bool(kwargs.get("output_dense", False)),
-        )
-
-    @staticmethod
-    def _reduction_fields(encoded: ReducedEncoderOutput) -> dict[str, Any]:
-        """The output fields that describe the reduction (trace fields are None unless requested)."""
-        return {
-            "token_counts": encoded.token_counts,
-            "sizes": encoded.sizes,
-            "sources": encoded.sources,
-            "pruned_at": encoded.pruned_at,
-            "layer_sources": encoded.layer_sources,
-            "dense_features": encoded.dense_features,
-        }
+class RapidDeiTAttention(ReducingAttentionMixin, DeiTAttention):
+    """`DeiTAttention` that also returns its keys and query."""
 
 
-class _RapidSingleHeadMixin(RapidModelMixin):
+class RapidDeiTLayer(_ViTStyleLayerMixin, DeiTLayer):
+    """`DeiTLayer` with a reduction step between attention and MLP."""
+
+
+MODULE_CLASSES: dict[type, type] = {
+    ViTAttention: RapidViTAttention,
+    ViTLayer: RapidViTLayer,
+    DeiTAttention: RapidDeiTAttention,
+    DeiTLayer: RapidDeiTLayer,
+}
+"""Stock module class -> its Rapid subclass, for this family's layers and attention modules."""
+
+
+class RapidViTModel(ReducedBackboneMixin, ViTModel):
+    """`ViTModel` with token reduction; returns `RapidModelOutput`. Protected: CLS."""
+
+    config_class = RapidViTConfig
+    module_classes = MODULE_CLASSES
+    num_protected_tokens = 1
+
+
+class RapidDeiTModel(ReducedBackboneMixin, DeiTModel):
+    """`DeiTModel` with token reduction. Protected: CLS and the distillation token."""
+
+    config_class = RapidDeiTConfig
+    module_classes = MODULE_CLASSES
+    num_protected_tokens = 2
+
+
+inherit_checkpoint_conversions(RapidViTModel, ViTModel)
+inherit_checkpoint_conversions(RapidDeiTModel, DeiTModel)
+
+
+class _RapidSingleHeadMixin(RapidHeadMixin):
     """Forward of the single-head classifiers (ViT, DeiT): CLS token -> classifier."""
 
     @can_return_tuple
     def forward(
         self,
-        pixel_values: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
+        pixel_values: Tensor | None = None,
+        labels: Tensor | None = None,
         interpolate_pos_encoding: bool | None = None,
-        attention_mask: torch.Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        rapid: RapidConfig | Mapping[str, Any] | None = None,
+        output_sources: bool = False,
+        output_dense: bool = False,
         **kwargs: Any,
     ) -> RapidImageClassifierOutput:
-        encoded = self._encode(pixel_values, interpolate_pos_encoding, attention_mask, kwargs)
-        logits = self.classifier(encoded.last_hidden_state[:, 0, :])
+        """The stock classifier forward; `rapid` runs other settings for this call only (see the backbone)."""
+        outputs: RapidModelOutput = self.rapid_backbone(
+            pixel_values,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            attention_mask=attention_mask,
+            rapid=rapid,
+            output_sources=output_sources,
+            output_dense=output_dense,
+            **kwargs,
+        )
+        logits = self.classifier(outputs.last_hidden_state[:, 0, :])
         loss = None if labels is None else self.loss_function(labels, logits, self.config)
         return RapidImageClassifierOutput(
             loss=loss,
             logits=logits,
-            hidden_states=encoded.hidden_states,
-            attentions=encoded.attentions,
-            **self._reduction_fields(encoded),
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            **reduction_fields(outputs),
         )
 
 
@@ -179,7 +134,7 @@ class RapidViTForImageClassification(_RapidSingleHeadMixin, ViTForImageClassific
 
     config_class = RapidViTConfig
     config: RapidViTConfig
-    num_protected_tokens = 1
+    module_classes: ClassVar[Mapping[type, type]] = {**MODULE_CLASSES, ViTModel: RapidViTModel}
 
 
 class RapidDeiTForImageClassification(_RapidSingleHeadMixin, DeiTForImageClassification):
@@ -187,32 +142,62 @@ class RapidDeiTForImageClassification(_RapidSingleHeadMixin, DeiTForImageClassif
 
     config_class = RapidDeiTConfig
     config: RapidDeiTConfig
-    num_protected_tokens = 2
+    module_classes: ClassVar[Mapping[type, type]] = {**MODULE_CLASSES, DeiTModel: RapidDeiTModel}
 
 
-class RapidDeiTForImageClassificationWithTeacher(RapidModelMixin, DeiTForImageClassificationWithTeacher):
+class RapidDeiTForImageClassificationWithTeacher(RapidHeadMixin, DeiTForImageClassificationWithTeacher):
     """Distilled DeiT (CLS + distillation heads) with token reduction; the distillation token is always kept."""
 
     config_class = RapidDeiTConfig
     config: RapidDeiTConfig
-    num_protected_tokens = 2
+    module_classes: ClassVar[Mapping[type, type]] = {**MODULE_CLASSES, DeiTModel: RapidDeiTModel}
 
     @can_return_tuple
     def forward(
         self,
-        pixel_values: torch.Tensor | None = None,
+        pixel_values: Tensor | None = None,
         interpolate_pos_encoding: bool = False,
-        attention_mask: torch.Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        rapid: RapidConfig | Mapping[str, Any] | None = None,
+        output_sources: bool = False,
+        output_dense: bool = False,
         **kwargs: Any,
     ) -> RapidDeiTWithTeacherOutput:
-        encoded = self._encode(pixel_values, interpolate_pos_encoding, attention_mask, kwargs)
-        cls_logits = self.cls_classifier(encoded.last_hidden_state[:, 0, :])
-        distillation_logits = self.distillation_classifier(encoded.last_hidden_state[:, 1, :])
+        """The stock forward (mean of the two heads' logits); `rapid` runs other settings for this call only."""
+        outputs: RapidModelOutput = self.rapid_backbone(
+            pixel_values,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            attention_mask=attention_mask,
+            rapid=rapid,
+            output_sources=output_sources,
+            output_dense=output_dense,
+            **kwargs,
+        )
+        cls_logits = self.cls_classifier(outputs.last_hidden_state[:, 0, :])
+        distillation_logits = self.distillation_classifier(outputs.last_hidden_state[:, 1, :])
         return RapidDeiTWithTeacherOutput(
             logits=(cls_logits + distillation_logits) / 2,
             cls_logits=cls_logits,
             distillation_logits=distillation_logits,
-            hidden_states=encoded.hidden_states,
-            attentions=encoded.attentions,
-            **self._reduction_fields(encoded),
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            **reduction_fields(outputs),
         )
+
+
+RAPID_CLASSES: dict[type, type] = {
+    ViTModel: RapidViTModel,
+    DeiTModel: RapidDeiTModel,
+    ViTForImageClassification: RapidViTForImageClassification,
+    DeiTForImageClassification: RapidDeiTForImageClassification,
+    DeiTForImageClassificationWithTeacher: RapidDeiTForImageClassificationWithTeacher,
+}
+"""Stock model class -> Rapid class, for `rapid_hf.get_rapid_model`."""
+
+__all__ = [
+    "RapidDeiTForImageClassification",
+    "RapidDeiTForImageClassificationWithTeacher",
+    "RapidDeiTModel",
+    "RapidViTForImageClassification",
+    "RapidViTModel",
+]
