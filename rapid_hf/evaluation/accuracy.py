@@ -74,7 +74,7 @@ def predict(
     """Run the unreduced model and every variant on each batch; gather per-image results in row order.
 
     `accelerator` (an `accelerate.Accelerator`, created if None) prepares the DataLoader, so the same call works
-    under `accelerate launch`. The model's own reduction setting is restored afterwards.
+    under `accelerate launch`. Each variant runs as per-call settings: the model's own settings are untouched.
     """
     from accelerate import Accelerator
 
@@ -83,36 +83,30 @@ def predict(
     dataloader = accelerator.prepare(dataloader)
     num_labels = model.config.num_labels
     top_k = min(top_k, num_labels)
-    original = model.rapid
     token_counts: list[tuple[int, ...]] = [()] * len(variants)
     gathered: list[dict[str, torch.Tensor]] = []
-    try:
-        progress = tqdm(dataloader, desc="evaluate", disable=not accelerator.is_local_main_process)
-        for batch in progress:
-            _check_labels(batch["labels"], num_labels)
-            with autocast_for(accelerator.device, precision):
-                model.set_rapid(REFERENCE)
-                unreduced = model(pixel_values=batch["pixel_values"])
-                reference = unreduced.logits.float()
-                ranks, kls = [reference.topk(top_k, dim=-1).indices], []
-                for position, variant in enumerate(variants):
-                    output = unreduced  # "none" rows are the reference itself: never run twice
-                    if variant.rapid.method != "none":
-                        model.set_rapid(variant.rapid)
-                        output = model(pixel_values=batch["pixel_values"])
-                    logits = output.logits.float()
-                    token_counts[position] = tuple(output.token_counts)
-                    ranks.append(logits.topk(top_k, dim=-1).indices)
-                    kls.append(kl_divergence(reference, logits))
-            local = {
-                "index": batch["index"],
-                "labels": batch["labels"],
-                "ranks": torch.stack(ranks, dim=1),
-                "kl": torch.stack(kls, dim=1) if kls else reference.new_zeros(len(reference), 0),
-            }
-            gathered.append({k: v.cpu() for k, v in accelerator.gather_for_metrics(local).items()})
-    finally:
-        model.set_rapid(original)
+    progress = tqdm(dataloader, desc="evaluate", disable=not accelerator.is_local_main_process)
+    for batch in progress:
+        _check_labels(batch["labels"], num_labels)
+        with autocast_for(accelerator.device, precision):
+            unreduced = model(pixel_values=batch["pixel_values"], rapid=REFERENCE)
+            reference = unreduced.logits.float()
+            ranks, kls = [reference.topk(top_k, dim=-1).indices], []
+            for position, variant in enumerate(variants):
+                output = unreduced  # "none" rows are the reference itself: never run twice
+                if variant.rapid.method != "none":
+                    output = model(pixel_values=batch["pixel_values"], rapid=variant.rapid)
+                logits = output.logits.float()
+                token_counts[position] = tuple(output.token_counts)
+                ranks.append(logits.topk(top_k, dim=-1).indices)
+                kls.append(kl_divergence(reference, logits))
+        local = {
+            "index": batch["index"],
+            "labels": batch["labels"],
+            "ranks": torch.stack(ranks, dim=1),
+            "kl": torch.stack(kls, dim=1) if kls else reference.new_zeros(len(reference), 0),
+        }
+        gathered.append({k: v.cpu() for k, v in accelerator.gather_for_metrics(local).items()})
     if not gathered:
         raise ValueError("the data loader yielded no images: check the dataset, split, subset and max_samples")
     merged = {key: torch.cat([part[key] for part in gathered]).numpy() for key in gathered[0]}
