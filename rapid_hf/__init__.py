@@ -1,24 +1,34 @@
 """rapid_hf: training-free token reduction (RAPID, ToMe, ToFu, crucial-token merging) for transformers ViTs.
 
-Importing the package registers the Rapid configs and models with transformers' Auto classes, so
-`AutoModelForImageClassification.from_pretrained` reloads a saved Rapid model as a Rapid model.
+`import rapid_hf` registers the Rapid configs and models with transformers' Auto classes (as soon as transformers
+loads them, see `rapid_hf.registration`), so `AutoModelForImageClassification.from_pretrained` reloads a saved
+Rapid model as a Rapid model. The names below are imported on first use: `import rapid_hf.reduction` (the
+algorithm, pure torch) imports no transformers.
 """
 
-from rapid_hf.models.auto import get_rapid_model, register_auto_classes
-from rapid_hf.models.configuration_rapid import RapidDeiTConfig, RapidViTConfig
-from rapid_hf.models.modeling_rapid import (
-    RapidDeiTForImageClassification,
-    RapidDeiTForImageClassificationWithTeacher,
-    RapidDeiTModel,
-    RapidViTForImageClassification,
-    RapidViTModel,
-)
-from rapid_hf.models.outputs import RapidDeiTWithTeacherOutput, RapidImageClassifierOutput, RapidModelOutput
-from rapid_hf.reduction.config import RapidConfig
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from rapid_hf.registration import register_when_transformers_loads
 
 __version__ = "0.2.0"
 
-register_auto_classes()
+_EXPORTS: dict[str, str] = {
+    "RapidConfig": "rapid_hf.reduction.config",
+    "RapidViTConfig": "rapid_hf.models.configuration_rapid",
+    "RapidDeiTConfig": "rapid_hf.models.configuration_rapid",
+    "RapidViTModel": "rapid_hf.models.modeling_rapid",
+    "RapidViTForImageClassification": "rapid_hf.models.modeling_rapid",
+    "RapidDeiTModel": "rapid_hf.models.modeling_rapid",
+    "RapidDeiTForImageClassification": "rapid_hf.models.modeling_rapid",
+    "RapidDeiTForImageClassificationWithTeacher": "rapid_hf.models.modeling_rapid",
+    "RapidModelOutput": "rapid_hf.models.outputs",
+    "RapidImageClassifierOutput": "rapid_hf.models.outputs",
+    "RapidDeiTWithTeacherOutput": "rapid_hf.models.outputs",
+    "get_rapid_model": "rapid_hf.models.auto",
+}
 
 __all__ = [
     "RapidConfig",
@@ -35,3 +45,31 @@ __all__ = [
     "__version__",
     "get_rapid_model",
 ]
+
+if TYPE_CHECKING:
+    from rapid_hf.models.auto import get_rapid_model
+    from rapid_hf.models.configuration_rapid import RapidDeiTConfig, RapidViTConfig
+    from rapid_hf.models.modeling_rapid import (
+        RapidDeiTForImageClassification,
+        RapidDeiTForImageClassificationWithTeacher,
+        RapidDeiTModel,
+        RapidViTForImageClassification,
+        RapidViTModel,
+    )
+    from rapid_hf.models.outputs import RapidDeiTWithTeacherOutput, RapidImageClassifierOutput, RapidModelOutput
+    from rapid_hf.reduction.config import RapidConfig
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'rapid_hf' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
+
+register_when_transformers_loads()

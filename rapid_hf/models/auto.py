@@ -1,4 +1,4 @@
-"""Every supported family in one place: Auto-class registration and `get_rapid_model` for a loaded model."""
+"""Every supported family in one place: `get_rapid_model` turns a loaded transformers model into its Rapid class."""
 
 from __future__ import annotations
 
@@ -6,33 +6,14 @@ from collections.abc import Mapping
 from typing import Any
 
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
 
 from rapid_hf.models import modeling_rapid
-from rapid_hf.models.configuration_rapid import RapidDeiTConfig, RapidViTConfig
 from rapid_hf.models.encoder import RapidSettingsMixin
 from rapid_hf.models.layers import swap_module_classes
 from rapid_hf.reduction.config import RapidConfig
 
 RAPID_CLASSES: dict[type[nn.Module], type[RapidSettingsMixin]] = {**modeling_rapid.RAPID_CLASSES}
 """Stock transformers class -> its Rapid class, for every supported family."""
-
-
-def register_auto_classes() -> None:
-    """Make `AutoConfig`, `AutoModel` and `AutoModelForImageClassification` load saved Rapid models."""
-    for config_class in (RapidViTConfig, RapidDeiTConfig):
-        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
-    AutoModel.register(RapidViTConfig, modeling_rapid.RapidViTModel, exist_ok=True)
-    AutoModel.register(RapidDeiTConfig, modeling_rapid.RapidDeiTModel, exist_ok=True)
-    AutoModelForImageClassification.register(
-        RapidViTConfig, modeling_rapid.RapidViTForImageClassification, exist_ok=True
-    )
-    # Like transformers' own "deit" entry: one config, two heads, chosen by `config.architectures`.
-    AutoModelForImageClassification.register(
-        RapidDeiTConfig,
-        (modeling_rapid.RapidDeiTForImageClassification, modeling_rapid.RapidDeiTForImageClassificationWithTeacher),
-        exist_ok=True,
-    )
 
 
 def get_rapid_model(model: nn.Module, rapid: RapidConfig | Mapping[str, Any] | None = None) -> RapidSettingsMixin:

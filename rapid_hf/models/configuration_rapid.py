@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from transformers import DeiTConfig, ViTConfig
+from transformers import AutoConfig, DeiTConfig, ViTConfig
 
 from rapid_hf.reduction.config import RapidConfig
 
@@ -121,3 +121,9 @@ class RapidDeiTConfig(_RapidConfigMixin, DeiTConfig):
     )
 
     rapid: dict | None = None
+
+
+RAPID_CONFIGS: tuple[type, ...] = (RapidViTConfig, RapidDeiTConfig)
+
+for _config_class in RAPID_CONFIGS:  # `import rapid_hf` makes AutoConfig know them (see rapid_hf.registration)
+    AutoConfig.register(_config_class.model_type, _config_class, exist_ok=True)

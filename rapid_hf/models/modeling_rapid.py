@@ -15,6 +15,8 @@ from typing import Any, ClassVar
 
 from torch import Tensor
 from transformers import (
+    AutoModel,
+    AutoModelForImageClassification,
     DeiTForImageClassification,
     DeiTForImageClassificationWithTeacher,
     DeiTModel,
@@ -184,6 +186,14 @@ class RapidDeiTForImageClassificationWithTeacher(RapidHeadMixin, DeiTForImageCla
             **reduction_fields(outputs),
         )
 
+
+AutoModel.register(RapidViTConfig, RapidViTModel, exist_ok=True)
+AutoModel.register(RapidDeiTConfig, RapidDeiTModel, exist_ok=True)
+AutoModelForImageClassification.register(RapidViTConfig, RapidViTForImageClassification, exist_ok=True)
+# Like transformers' own "deit" entry: one config, two heads, chosen by `config.architectures`.
+AutoModelForImageClassification.register(
+    RapidDeiTConfig, (RapidDeiTForImageClassification, RapidDeiTForImageClassificationWithTeacher), exist_ok=True
+)
 
 RAPID_CLASSES: dict[type, type] = {
     ViTModel: RapidViTModel,
