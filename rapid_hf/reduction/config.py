@@ -45,9 +45,9 @@ class RapidConfig:
         switch_layer: first merging layer (RAPID's K, ToFu's switch). None: 4 for RAPID (the paper's K for
             12 layers, scaled as round(L/3) for other depths); for ToFu `L // 2 + 1`, the public
             reimplementation's split: prune in layers 0..L//2, merge after (12 layers: 7 prune, 5 merge).
-            "auto": chosen from the model's
-            own tokens on calibration images (`rapid_hf.calibration.resolve_auto_switch_layer`), which must
-            resolve it to an int before the model runs.
+            "auto": chosen from the model's own tokens on calibration images
+            (`rapid_hf.calibration.resolve_auto_switch_layer`), which must resolve it to an int before the
+            model runs.
         prune_threshold: RAPID's tau in eq. (1), a cosine similarity in [-1, 1].
         importance_ratio: RAPID's rho: the top fraction of patch tokens (by CLS attention) that sets theta
             (and, with importance_mode="protect", that is protected from merging); for "crucial", the fraction
