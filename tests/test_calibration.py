@@ -16,8 +16,10 @@ from transformers import DeiTConfig, ViTConfig, ViTImageProcessor
 from rapid_hf import RapidConfig, RapidDeiTForImageClassification, RapidViTForImageClassification
 from rapid_hf.calibration import (
     CALIBRATION_LOG,
+    SEARCHED,
     auto_switch_layer,
     calibrate,
+    default_searched,
     layer_statistics,
     predict_logits,
     resolve_auto_switch_layer,
@@ -156,12 +158,37 @@ def test_rapid_importance_ratio_does_not_change_the_plan(tiny_model, images):
     torch.testing.assert_close(low, high, rtol=0, atol=0)
 
 
+def test_protect_mode_searches_rho_and_keeps_it_relevant(tiny_model, images):
+    start = RapidConfig(r=6, switch_layer=2, importance_mode="protect")
+    assert default_searched(start) == (*SEARCHED["rapid"], "importance_ratio")
+    grid = {**GRID, "importance_ratio": [0.1, 0.5]}
+    result = calibrate(tiny_model, images, start, grid=grid, batch_size=6, max_rounds=1, progress=False)
+    assert {trial.settings["importance_ratio"] for trial in result.trials} == {0.1, 0.2, 0.5}
+    assert result.rapid.importance_mode == "protect"
+    # rho matters in this reading: the model's logits depend on it
+    low = predict_logits(tiny_model, images, start.replace(importance_ratio=0.05, importance_weight=0.0))
+    high = predict_logits(tiny_model, images, start.replace(importance_ratio=0.9, importance_weight=0.0))
+    assert not torch.equal(low, high)
+
+
+def test_importance_mode_can_be_searched_and_is_skipped_without_merging_layers(tiny_model, images):
+    searched = ["importance_mode", "importance_ratio"]
+    result = calibrate(tiny_model, images, RapidConfig(r=6, switch_layer=2), searched=searched,
+                       grid={"importance_ratio": [0.1, 0.5]}, batch_size=6, max_rounds=1, progress=False)
+    assert {trial.settings["importance_mode"] for trial in result.trials} == {"shift", "protect"}
+    pruning_only = calibrate(tiny_model, images, RapidConfig(r=6, switch_layer=4), searched=searched,
+                             batch_size=6, progress=False)
+    assert len(pruning_only.trials) == 1  # K = L: no merging layer, so neither knob can matter
+
+
 @pytest.mark.parametrize(
     ("rapid", "kwargs", "match"),
     [
         (RapidConfig(method="tome", r=4), {}, "no knobs to calibrate"),
         (RapidConfig(r=0), {}, "removes no tokens"),
-        (RapidConfig(r=4), {"searched": ["importance_ratio"]}, "cannot search"),
+        (RapidConfig(r=4), {"searched": ["importance_ratio"]}, "cannot search importance_ratio"),
+        (RapidConfig(r=4), {"searched": ["size"]}, r"cannot search \['size'\]"),
+        (RapidConfig(method="tofu", r=4), {"searched": ["importance_mode"]}, "cannot search"),
         (RapidConfig(r=4), {"grid": {"prune_threshold": [1.5]}}, "prune_threshold"),
         (RapidConfig(r=4), {"grid": {"switch_layer": [9]}}, r"ints in \[0, 4\]"),
         (RapidConfig(r=4), {"max_rounds": 0}, "max_rounds"),

@@ -53,6 +53,7 @@ def steps(draw, identical_tokens: bool = False):
         prune_threshold=draw(st.floats(-1.0, 1.0)),
         importance_ratio=draw(st.floats(0.01, 1.0)),
         importance_weight=draw(st.floats(0.0, 100.0)),
+        importance_mode=draw(st.sampled_from(["shift", "protect"])),
     )
     return {
         "step": step,

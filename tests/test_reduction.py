@@ -85,7 +85,8 @@ def test_eq1_prunes_most_redundant_not_most_similar():
     assert redundancy.is_pruning and similarity.is_pruning
 
 
-def test_eq1_ties_are_broken_by_index():
+def test_eq1_full_ties_fall_back_to_index():
+    # Equal redundancy (all 0) and equal highest similarity (all 0): index order, reproducible.
     scores = torch.zeros(1, 4, 3)
     scores[:, 0] = NEG
     plan = redundancy_prune_plan(scores, r=2, num_protected=1, threshold=0.7)  # all scores 0

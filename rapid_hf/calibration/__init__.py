@@ -11,11 +11,13 @@
 from rapid_hf.calibration.io import CALIBRATION_LOG, load_calibration_images, save_calibrated
 from rapid_hf.calibration.search import (
     DEFAULT_GRID,
+    SEARCHABLE,
     SEARCHED,
     CalibrationResult,
     Fidelity,
     Trial,
     calibrate,
+    default_searched,
     measure_fidelity,
     predict_logits,
 )
@@ -31,6 +33,7 @@ __all__ = [
     "CALIBRATION_LOG",
     "DEFAULT_GRID",
     "MIN_REDUNDANT_FRACTION",
+    "SEARCHABLE",
     "SEARCHED",
     "CalibrationResult",
     "Fidelity",
@@ -38,6 +41,7 @@ __all__ = [
     "Trial",
     "auto_switch_layer",
     "calibrate",
+    "default_searched",
     "layer_statistics",
     "load_calibration_images",
     "measure_fidelity",

@@ -8,9 +8,11 @@ lambda = 0 and mean merging is exactly ToMe; when the searched knobs can reach t
 and the search starts from it if it beats the given start, so on the calibration images the chosen RAPID is
 never worse than ToMe.
 
-RAPID's rho is not searched: it only sets theta, and eq. (2) subtracts `lambda * (a_i - theta)`, so theta shifts
-every source of an image by the same amount and the top-r ranking of eq. (4) -- the plan -- does not depend on
-it. The merge mode (size-weighted mean or ToFu's MLERP) is searched instead.
+RAPID's rho is not searched by default: with `importance_mode="shift"` (eq. 2 as written) it only sets theta,
+and eq. (2) subtracts `lambda * (a_i - theta)`, so theta shifts every source of an image by the same amount and
+the top-r ranking of eq. (4) -- the plan -- does not depend on it. With `importance_mode="protect"` rho is the
+fraction of tokens protected from merging, so it is searched then; `importance_mode` itself can be searched
+when asked for. The merge mode (size-weighted mean or ToFu's MLERP) is searched too.
 """
 
 from __future__ import annotations
@@ -34,14 +36,30 @@ DEFAULT_GRID: dict[str, tuple[Any, ...]] = {
     "importance_weight": (0.0, 10.0, 25.0, 50.0, 100.0),
     "importance_ratio": (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 1.0),
     "merge_mode": ("mean", "mlerp"),
+    "importance_mode": ("shift", "protect"),
 }
 # RAPID knobs that make it exactly ToMe.
-TOME_POINT: dict[str, Any] = {"switch_layer": 0, "importance_weight": 0.0, "merge_mode": "mean"}
+TOME_POINT: dict[str, Any] = {
+    "switch_layer": 0, "importance_weight": 0.0, "merge_mode": "mean", "importance_mode": "shift"
+}
+# The knobs searched by default, per method (RAPID with importance_mode="protect" adds importance_ratio).
 SEARCHED: dict[str, tuple[str, ...]] = {
     "rapid": ("switch_layer", "prune_threshold", "importance_weight", "merge_mode"),
     "tofu": ("switch_layer", "merge_mode"),
     "crucial": ("importance_ratio", "merge_mode"),
 }
+# Every knob that may be searched when asked for.
+SEARCHABLE: dict[str, tuple[str, ...]] = {
+    **SEARCHED,
+    "rapid": (*SEARCHED["rapid"], "importance_ratio", "importance_mode"),
+}
+
+
+def default_searched(rapid: RapidConfig) -> tuple[str, ...]:
+    """The knobs `calibrate` searches when none are named: `SEARCHED`, plus rho for RAPID's "protect" reading."""
+    if rapid.method == "rapid" and rapid.importance_mode == "protect":
+        return (*SEARCHED["rapid"], "importance_ratio")
+    return SEARCHED[rapid.method]
 
 
 @dataclass(frozen=True)
@@ -141,7 +159,9 @@ def is_relevant(name: str, rapid: RapidConfig, num_layers: int) -> bool:
     switch_layer = rapid.resolved_switch_layer(num_layers)
     if name == "prune_threshold":
         return rapid.method == "rapid" and switch_layer > 0
-    if name in ("importance_weight", "merge_mode"):
+    if name == "importance_ratio":  # RAPID's rho only matters when it protects tokens
+        return rapid.importance_mode == "protect" and switch_layer < num_layers
+    if name in ("importance_weight", "merge_mode", "importance_mode"):
         return switch_layer < num_layers
     return True
 
@@ -186,11 +206,15 @@ def calibrate(
         raise ValueError(f"method {rapid.method!r} has no knobs to calibrate; calibrate one of {sorted(SEARCHED)}")
     if not rapid.reduces:
         raise ValueError("nothing to calibrate: the config removes no tokens (set r or output_tokens)")
-    searched = tuple(SEARCHED[rapid.method] if searched is None else searched)
-    unknown = sorted(set(searched) - set(SEARCHED[rapid.method]))
+    searched = tuple(default_searched(rapid) if searched is None else searched)
+    unknown = sorted(set(searched) - set(SEARCHABLE[rapid.method]))
     if unknown or not searched:
         raise ValueError(f"cannot search {unknown or 'nothing'} for method {rapid.method!r}; "
-                         f"searchable: {list(SEARCHED[rapid.method])}")
+                         f"searchable: {list(SEARCHABLE[rapid.method])}")
+    rho_cannot_matter = rapid.importance_mode == "shift" and "importance_mode" not in searched
+    if rapid.method == "rapid" and "importance_ratio" in searched and rho_cannot_matter:
+        raise ValueError("cannot search importance_ratio with importance_mode='shift': rho does not change "
+                         "eq. (2)'s plan; use importance_mode='protect' or search importance_mode too")
     if max_rounds < 1:
         raise ValueError(f"max_rounds must be >= 1, got {max_rounds}")
     num_layers = model.config.num_hidden_layers
@@ -226,7 +250,12 @@ def calibrate(
     best = start_fidelity = score(current)
     if rapid.method == "rapid":
         tome = rapid.replace(**{name: value for name, value in TOME_POINT.items() if name in searched})
-        is_tome = tome.switch_layer == 0 and tome.importance_weight == 0 and tome.resolved_merge_mode() == "mean"
+        is_tome = (
+            tome.switch_layer == 0
+            and tome.importance_weight == 0
+            and tome.resolved_merge_mode() == "mean"
+            and tome.importance_mode == "shift"
+        )
         if is_tome and tome != rapid and score(tome).better_than(best):
             current, best = tome, score(tome)
     for _ in range(max_rounds):

@@ -11,6 +11,9 @@ Method = Literal["rapid", "tome", "tofu", "crucial", "none"]
 METHODS: tuple[str, ...] = ("rapid", "tome", "tofu", "crucial", "none")
 AUTO = "auto"
 MERGE_MODES: tuple[str, ...] = ("mean", "mlerp")
+ImportanceMode = Literal["shift", "protect"]
+IMPORTANCE_MODES: tuple[str, ...] = ("shift", "protect")
+LINEAR_SCHEDULE_KEYS = frozenset({"r", "inflection"})
 
 
 def _is_int(value: Any) -> bool:
@@ -32,17 +35,28 @@ class RapidConfig:
     Args:
         method: "rapid" (prune shallow, importance-aware merge deep), "tome", "tofu", "crucial" (merge the least
             important tokens into the most important, crucial, ones), or "none" (no reduction).
-        r: tokens removed per layer: an int, a per-layer list, or ToMe's `(r, inflection)` linear schedule.
+        r: tokens removed per layer, in ToMe's conventions: an int (constant), a *list* of per-layer ints, or a
+            *tuple* `(r, inflection)`: ToMe's linear schedule (inflection in [-1, 1]; int or float, `(8, 1)`
+            is `(8, 1.0)`): 0 constant, +1 increasing from 0 to `2r`, -1 decreasing from `2r` to 0. A tuple is
+            always the linear schedule and a list always per-layer; config.json writes the tuple as
+            `{"r": 8, "inflection": 1.0}` (the older saved form `[8, 1.0]` still reads as the tuple).
         output_tokens: instead of `r`, the number of tokens that should leave the last layer; solved to a
             near-constant schedule for the actual input size.
         switch_layer: first merging layer (RAPID's K, ToFu's switch). None: 4 for RAPID (the paper's K for
-            12 layers, scaled as round(L/3) for other depths), L // 2 for ToFu. "auto": chosen from the model's
-            own tokens on calibration images (`rapid_hf.calibration.resolve_auto_switch_layer`), which must
-            resolve it to an int before the model runs.
+            12 layers, scaled as round(L/3) for other depths); for ToFu `L // 2 + 1`, the public
+            reimplementation's split: prune in layers 0..L//2, merge after (12 layers: 7 prune, 5 merge).
+            "auto": chosen from the model's own tokens on calibration images
+            (`rapid_hf.calibration.resolve_auto_switch_layer`), which must resolve it to an int before the
+            model runs.
         prune_threshold: RAPID's tau in eq. (1), a cosine similarity in [-1, 1].
-        importance_ratio: RAPID's rho: the top fraction of patch tokens (by CLS attention) that sets theta;
-            for "crucial", the fraction of patch tokens that are crucial (merge destinations).
+        importance_ratio: RAPID's rho: the top fraction of patch tokens (by CLS attention) that sets theta
+            (and, with importance_mode="protect", that is protected from merging); for "crucial", the fraction
+            of patch tokens that are crucial (merge destinations).
         importance_weight: RAPID's lambda in eq. (2), >= 0.
+        importance_mode: how RAPID's merging stage uses importance. "shift" (default): eq. (2) as written,
+            `S'_ij = S_ij - lambda (a_i - theta)`; theta shifts every score of an image equally, so rho cannot
+            change the plan. "protect": the same scores, and in addition the top-rho fraction of patch tokens
+            by CLS attention never leave as merge sources (they can still receive merges), so rho matters.
         prop_attn: add `log(size)` of each key to attention logits (ToMe's proportional attention).
         merge_mode: "mean" (size-weighted) or "mlerp" (ToFu's norm-preserving). None: "mlerp" for ToFu,
             "mean" otherwise.
@@ -55,6 +69,7 @@ class RapidConfig:
     prune_threshold: float = 0.7
     importance_ratio: float = 0.2
     importance_weight: float = 50.0
+    importance_mode: ImportanceMode = "shift"
     prop_attn: bool = True
     merge_mode: Literal["mean", "mlerp"] | None = None
 
@@ -75,10 +90,17 @@ class RapidConfig:
             _fail("importance_ratio", self.importance_ratio, "a number in (0, 1]")
         if not _is_number(self.importance_weight) or self.importance_weight < 0:
             _fail("importance_weight", self.importance_weight, "a number >= 0")
+        if self.importance_mode not in IMPORTANCE_MODES:
+            _fail("importance_mode", self.importance_mode, "'shift' (eq. 2 as written) or 'protect'")
         if not isinstance(self.prop_attn, bool):
             _fail("prop_attn", self.prop_attn, "True or False")
         if self.merge_mode is not None and self.merge_mode not in MERGE_MODES:
             _fail("merge_mode", self.merge_mode, "'mean', 'mlerp' or None")
+
+    def __hash__(self) -> int:
+        """Hashable whatever `r` is (a per-layer list hashes as its values; equality still tells list from tuple)."""
+        values = (getattr(self, f.name) for f in fields(self))
+        return hash(tuple(tuple(value) if isinstance(value, list) else value for value in values))
 
     @property
     def reduces(self) -> bool:
@@ -104,7 +126,7 @@ class RapidConfig:
             )
         if self.switch_layer is not None:
             return self.switch_layer
-        return num_layers // 2 if self.method == "tofu" else round(num_layers / 3)
+        return num_layers // 2 + 1 if self.method == "tofu" else round(num_layers / 3)
 
     def validate_for_model(self, num_layers: int, num_tokens: int, num_protected: int) -> None:
         """Checks that need the model: list length, switch layer range, reachable output tokens."""
@@ -118,10 +140,16 @@ class RapidConfig:
             schedule_for_output_tokens(num_tokens, num_layers, num_protected, self.output_tokens)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-friendly dict (what `save_pretrained` writes under `rapid` in config.json)."""
+        """JSON-friendly dict (what `save_pretrained` writes under `rapid` in config.json).
+
+        The linear schedule `(r, inflection)` becomes `{"r": r, "inflection": inflection}` (JSON has no tuples,
+        and a list would read back as per-layer values); a per-layer list stays a list.
+        """
         data = {f.name: getattr(self, f.name) for f in fields(self)}
         if isinstance(self.r, tuple):
-            data["r"] = [self.r[0], float(self.r[1])]
+            data["r"] = {"r": self.r[0], "inflection": float(self.r[1])}
+        elif isinstance(self.r, list):
+            data["r"] = list(self.r)
         return data
 
     @classmethod
@@ -141,7 +169,13 @@ class RapidConfig:
 
 
 def _normalise_r(r: Any) -> int | list[int] | tuple[int, float]:
-    """Accept the three r forms (and the JSON form `[r, inflection]` of the tuple); reject everything else."""
+    """Accept the three r forms in ToMe's conventions, plus the saved JSON forms of the linear schedule.
+
+    int: constant. list of ints: per layer. tuple `(r, inflection)` with an int or float inflection: ToMe's
+    linear schedule, stored as `(int, float)`. Saved forms of that tuple: `{"r": r, "inflection": x}` (written
+    by `to_dict`) and the older `[r, x]` with a float `x` (a per-layer list never holds floats). Anything else,
+    including a tuple that is not `(r, inflection)`, is a ValueError.
+    """
     allowed = (
         "an int >= 0, a list of ints >= 0 (one per layer), or an (r: int >= 0, inflection: float in [-1, 1]) tuple"
     )
@@ -149,15 +183,26 @@ def _normalise_r(r: Any) -> int | list[int] | tuple[int, float]:
         if r < 0:
             _fail("r", r, allowed)
         return r
-    if isinstance(r, tuple | list) and len(r) == 2 and isinstance(r[1], float):
-        base, inflection = r
-        if not _is_int(base) or base < 0 or not math.isfinite(inflection) or not -1.0 <= inflection <= 1.0:
-            _fail("r", r, allowed)
-        return (base, inflection)
-    if isinstance(r, tuple | list) and all(_is_int(v) and v >= 0 for v in r):
+    if isinstance(r, Mapping):
+        if set(r) != LINEAR_SCHEDULE_KEYS:
+            _fail("r", dict(r), f"{allowed} (saved as {{'r': int, 'inflection': float}})")
+        return _linear_schedule(r, r["r"], r["inflection"], allowed)
+    if isinstance(r, tuple):
+        if len(r) != 2:
+            _fail("r", r, f"{allowed}; a tuple is always (r, inflection): give per-layer values as a list")
+        return _linear_schedule(r, r[0], r[1], allowed)
+    if isinstance(r, list) and len(r) == 2 and isinstance(r[1], float):  # saved before the mapping form existed
+        return _linear_schedule(r, r[0], r[1], allowed)
+    if isinstance(r, list) and all(_is_int(v) and v >= 0 for v in r):
         return list(r)
     _fail("r", r, allowed)
     raise AssertionError  # unreachable
 
 
-__all__ = ["AUTO", "MERGE_MODES", "METHODS", "Method", "RapidConfig"]
+def _linear_schedule(given: Any, base: Any, inflection: Any, allowed: str) -> tuple[int, float]:
+    if not _is_int(base) or base < 0 or not _is_number(inflection) or not -1.0 <= inflection <= 1.0:
+        _fail("r", given, allowed)
+    return (base, float(inflection))
+
+
+__all__ = ["AUTO", "IMPORTANCE_MODES", "MERGE_MODES", "METHODS", "ImportanceMode", "Method", "RapidConfig"]

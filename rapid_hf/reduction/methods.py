@@ -11,6 +11,7 @@ import math
 import torch
 from torch import Tensor
 
+from rapid_hf.reduction.config import ImportanceMode
 from rapid_hf.reduction.matching import rank_descending
 from rapid_hf.reduction.plan import ReductionPlan, SelectionPlan, gather_tokens, plan_from_ranking
 
@@ -29,6 +30,16 @@ def similarity_prune_plan(scores: Tensor, r: int, num_protected: int) -> Reducti
     return plan_from_ranking(rank_descending(best_score), r, num_protected, None)
 
 
+def rank_descending_by(primary: Tensor, secondary: Tensor) -> Tensor:
+    """Indices sorting `(B, n)` rows by `primary`, ties by `secondary` (both highest first), then by index.
+
+    Two stable rankings: order by the tie-break key first, then stably by the main key, so equal main keys keep
+    the tie-break order (and equal pairs keep index order, reproducible).
+    """
+    by_secondary = rank_descending(secondary)
+    return by_secondary.gather(1, rank_descending(primary.gather(1, by_secondary)))
+
+
 def redundancy_scores(scores: Tensor, threshold: float) -> Tensor:
     """RAPID eq. (1): `score_i = sum_j max(0, S_ij - tau)`; the CLS row is -inf so it is never pruned."""
     redundancy = (scores - threshold).clamp_min(0).sum(dim=-1)
@@ -38,8 +49,14 @@ def redundancy_scores(scores: Tensor, threshold: float) -> Tensor:
 
 @torch.no_grad()
 def redundancy_prune_plan(scores: Tensor, r: int, num_protected: int, threshold: float) -> ReductionPlan:
-    """RAPID stage 1: prune the `r` sources most redundant with the destinations (eq. 1); ties by index."""
-    return plan_from_ranking(rank_descending(redundancy_scores(scores, threshold)), r, num_protected, None)
+    """RAPID stage 1: prune the `r` sources most redundant with the destinations (eq. 1).
+
+    Ties in eq. (1) are common: every source with no destination above tau scores 0 (most of them when tau is
+    near 1). They are broken by each source's highest similarity `max_j S_ij` (the most duplicated of them goes
+    first, ToFu's pruning criterion), then by index, instead of by token position alone.
+    """
+    order = rank_descending_by(redundancy_scores(scores, threshold), scores.max(dim=-1).values)
+    return plan_from_ranking(order, r, num_protected, None)
 
 
 def importance_threshold(cls_attention: Tensor, num_protected: int, importance_ratio: float) -> Tensor:
@@ -64,6 +81,18 @@ def importance_adjusted_scores(
     return adjusted, best_destination
 
 
+def protected_sources(cls_attention: Tensor, num_protected: int, importance_ratio: float) -> Tensor:
+    """`(B, |A|)` bool: sources among the top `k = ceil(rho * N_patch)` patch tokens by CLS attention.
+
+    Exactly the k tokens `importance_threshold` ranks (ties by index), restricted to the sources (even indices).
+    """
+    patch_attention = cls_attention[:, num_protected:]
+    k = min(patch_attention.shape[1], max(1, math.ceil(importance_ratio * patch_attention.shape[1])))
+    top = rank_descending(patch_attention)[:, :k] + num_protected
+    important = torch.zeros(cls_attention.shape, dtype=torch.bool, device=cls_attention.device)
+    return important.scatter(1, top, True)[:, 0::2]
+
+
 @torch.no_grad()
 def importance_merge_plan(
     scores: Tensor,
@@ -72,12 +101,27 @@ def importance_merge_plan(
     cls_attention: Tensor,
     importance_ratio: float,
     importance_weight: float,
+    importance_mode: ImportanceMode = "shift",
 ) -> ReductionPlan:
-    """RAPID stage 2 (eq. 2-4): merge the `r` sources with the highest importance-adjusted similarity."""
+    """RAPID stage 2 (eq. 2-4): merge the `r` sources with the highest importance-adjusted similarity.
+
+    `importance_mode="shift"` is eq. (2) as written. `"protect"` also keeps the top-rho patch tokens by CLS
+    attention (`protected_sources`) from leaving: every other source is ranked first (by the same adjusted
+    score), so a protected source leaves only when a layer must remove more tokens than there are unprotected
+    patch sources (late layers of the most aggressive schedules), keeping the schedule's token counts exact.
+    Protected tokens can still receive merges.
+    """
+    if importance_mode not in ("shift", "protect"):
+        raise ValueError(f"importance_mode must be 'shift' or 'protect', got {importance_mode!r}")
     adjusted, best_destination = importance_adjusted_scores(
         scores, cls_attention, num_protected, importance_ratio, importance_weight
     )
-    return plan_from_ranking(rank_descending(adjusted), r, num_protected, best_destination)
+    if importance_mode == "shift":
+        return plan_from_ranking(rank_descending(adjusted), r, num_protected, best_destination)
+    eligible = (~protected_sources(cls_attention, num_protected, importance_ratio)).to(adjusted.dtype)
+    eligible[:, 0] = -1.0  # CLS (score -inf) ranks after every patch source, protected or not
+    order = rank_descending_by(eligible, adjusted)
+    return plan_from_ranking(order, r, num_protected, best_destination)
 
 
 def crucial_count(num_patches: int, r: int, importance_ratio: float) -> int:

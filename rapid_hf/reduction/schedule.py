@@ -15,16 +15,22 @@ RSpec = int | Sequence[int] | tuple[int, float]
 
 
 def expand_schedule(r: RSpec, num_layers: int) -> list[int]:
-    """Per-layer requested `r` from an int (constant), a per-layer list, or ToMe's `(r, inflection)`.
+    """Per-layer requested `r` from an int (constant), a per-layer list, or ToMe's `(r, inflection)` tuple.
 
-    `(r, inflection)` is ToMe's linear schedule: inflection 0 is constant, +1 decreases from `2r` to 0,
-    -1 increases from 0 to `2r`; the mean stays about `r`.
+    ToMe's conventions (`tome.utils.parse_r`): a tuple is always the linear schedule, whatever the type of its
+    inflection (`(8, 1)` is `(8, 1.0)`): layer l gets `int(low + l (2r - 2 low) / (L - 1))` with
+    `low = int(r (1 - inflection))`, so inflection 0 is constant, +1 increases from 0 to `2r`, -1 decreases from
+    `2r` to 0, and the mean stays about `r`. Any other sequence is per-layer values, one per layer.
     """
     if isinstance(r, bool):
         raise ValueError(f"r must be an int, a per-layer list or an (r, inflection) tuple, got {r!r}")
     if isinstance(r, int):
         return [r] * num_layers
-    if isinstance(r, tuple) and len(r) == 2 and isinstance(r[1], float):
+    if isinstance(r, tuple):
+        if len(r) != 2:
+            raise ValueError(
+                f"r: a tuple is ToMe's (r, inflection) schedule, got {r!r}; give per-layer values as a list"
+            )
         base, inflection = r
         low = int(base * (1.0 - inflection))
         high = 2 * base - low

@@ -12,7 +12,7 @@ from typing import Literal
 from torch import Tensor
 
 from rapid_hf.reduction.attention import cls_attention
-from rapid_hf.reduction.config import RapidConfig
+from rapid_hf.reduction.config import ImportanceMode, RapidConfig
 from rapid_hf.reduction.matching import bipartite_similarity, matching_metric, removal_cap
 from rapid_hf.reduction.methods import (
     crucial_merge_plan,
@@ -37,6 +37,7 @@ class LayerStep:
     prune_threshold: float = 0.7
     importance_ratio: float = 0.2
     importance_weight: float = 50.0
+    importance_mode: ImportanceMode = "shift"
 
 
 def requested_schedule(config: RapidConfig, num_tokens: int, num_layers: int, num_protected: int) -> list[int]:
@@ -74,6 +75,7 @@ def layer_steps(config: RapidConfig, num_tokens: int, num_layers: int, num_prote
             prune_threshold=config.prune_threshold,
             importance_ratio=config.importance_ratio,
             importance_weight=config.importance_weight,
+            importance_mode=config.importance_mode,
         )
         for layer, r in enumerate(schedule)
     ]
@@ -103,7 +105,7 @@ def build_plan(
         return redundancy_prune_plan(scores, r, num_protected, step.prune_threshold)
     attention = cls_attention(query, keys, scaling, attention_bias)
     return importance_merge_plan(
-        scores, r, num_protected, attention, step.importance_ratio, step.importance_weight
+        scores, r, num_protected, attention, step.importance_ratio, step.importance_weight, step.importance_mode
     )
 
 
