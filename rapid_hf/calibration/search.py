@@ -125,20 +125,15 @@ def _check_inputs(model: Any, pixel_values: Tensor, batch_size: int) -> None:
 
 @torch.inference_mode()
 def predict_logits(model: Any, pixel_values: Tensor, rapid: RapidConfig, batch_size: int = 50) -> Tensor:
-    """Logits of `model` running `rapid` on `pixel_values`, in batches (the model's own setting is restored)."""
+    """Logits of `model` running `rapid` (per-call settings) on `pixel_values`, in batches."""
     _check_inputs(model, pixel_values, batch_size)
-    original = model.rapid
-    try:
-        model.set_rapid(rapid)
-        device = next(model.parameters()).device
-        return torch.cat(
-            [
-                model(pixel_values=pixel_values[start : start + batch_size].to(device)).logits.float().cpu()
-                for start in range(0, len(pixel_values), batch_size)
-            ]
-        )
-    finally:
-        model.set_rapid(original)
+    device = next(model.parameters()).device
+    return torch.cat(
+        [
+            model(pixel_values=pixel_values[start : start + batch_size].to(device), rapid=rapid).logits.float().cpu()
+            for start in range(0, len(pixel_values), batch_size)
+        ]
+    )
 
 
 def measure_fidelity(

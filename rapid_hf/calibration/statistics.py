@@ -63,16 +63,6 @@ def normalised_entropy(attention: Tensor, num_protected: int) -> Tensor:
     return entropy / math.log(patches.shape[-1])
 
 
-def _layer_keys_and_query(layer: torch.nn.Module, hidden: Tensor) -> tuple[Tensor, Tensor]:
-    """The keys and queries `(B, heads, N, d)` a ViT/DeiT layer computes from its input `hidden`."""
-    attention = layer.attention
-    normed = layer.layernorm_before(hidden)
-    shape = (*normed.shape[:-1], -1, attention.head_dim)
-    keys = attention.k_proj(normed).view(shape).transpose(1, 2)
-    query = attention.q_proj(normed).view(shape).transpose(1, 2)
-    return keys, query
-
-
 @torch.inference_mode()
 def layer_statistics(
     model: Any, pixel_values: Tensor, prune_threshold: float = 0.7, batch_size: int = 50
@@ -82,26 +72,21 @@ def layer_statistics(
         raise ValueError("layer_statistics needs a non-empty (images, channels, height, width) pixel_values tensor")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    layers = model.base_model.layers
+    layers = model.rapid_backbone.reducing_layers
     num_protected = model.num_protected_tokens
-    original = model.rapid
     fractions, entropies = [], []
-    try:
-        model.set_rapid(RapidConfig(method="none"))
-        for start in range(0, len(pixel_values), batch_size):
-            batch = pixel_values[start : start + batch_size]
-            hidden_states = model(pixel_values=batch, output_hidden_states=True).hidden_states
-            batch_fractions, batch_entropies = [], []
-            for layer, hidden in zip(layers, hidden_states[:-1], strict=True):
-                keys, query = _layer_keys_and_query(layer, hidden)
-                scores = bipartite_similarity(matching_metric(keys), num_protected)
-                batch_fractions.append(redundant_fraction(scores, prune_threshold))
-                attention = cls_attention(query, keys, layer.attention.scaling, None)
-                batch_entropies.append(normalised_entropy(attention, num_protected))
-            fractions.append(torch.stack(batch_fractions, dim=1))
-            entropies.append(torch.stack(batch_entropies, dim=1))
-    finally:
-        model.set_rapid(original)
+    for start in range(0, len(pixel_values), batch_size):
+        batch = pixel_values[start : start + batch_size]
+        hidden_states = model(pixel_values=batch, rapid=RapidConfig(method="none"), output_hidden_states=True)
+        batch_fractions, batch_entropies = [], []
+        for layer, hidden in zip(layers, hidden_states.hidden_states[:-1], strict=True):
+            _, keys, query = layer.attention_residual(hidden, None)  # the keys and query the layer computes
+            scores = bipartite_similarity(matching_metric(keys), num_protected)
+            batch_fractions.append(redundant_fraction(scores, prune_threshold))
+            scaling = getattr(layer, layer.attention_module_name).attention_scaling
+            batch_entropies.append(normalised_entropy(cls_attention(query, keys, scaling, None), num_protected))
+        fractions.append(torch.stack(batch_fractions, dim=1))
+        entropies.append(torch.stack(batch_entropies, dim=1))
     per_image = torch.cat(fractions)
     return LayerStatistics(
         prune_threshold=prune_threshold,

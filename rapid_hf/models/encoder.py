@@ -224,7 +224,8 @@ class ReducedBackboneMixin(RapidSettingsMixin):
         output_dense: bool = False,
         **kwargs: Any,
     ) -> RapidModelOutput:
-        """The stock backbone forward with a reduction step in each layer.
+        """The stock backbone forward with a reduction step in each layer (mirrors `ViTModel.forward` of
+        transformers 5.24: embeddings, bidirectional mask, layers through `__call__`, final norm and pooler).
 
         `rapid`: settings for this call only (a `RapidConfig` or its dict); None runs the model's `config.rapid`.
         `output_sources` / `output_dense` trace which patches each token stands for (see `RapidModelOutput`);

@@ -110,7 +110,7 @@ class _RapidSingleHeadMixin(RapidHeadMixin):
         output_dense: bool = False,
         **kwargs: Any,
     ) -> RapidImageClassifierOutput:
-        """The stock classifier forward; `rapid` runs other settings for this call only (see the backbone)."""
+        """The stock classifier forward (mirrors transformers 5.24); `rapid` runs other settings for this call only."""
         outputs: RapidModelOutput = self.rapid_backbone(
             pixel_values,
             interpolate_pos_encoding=interpolate_pos_encoding,
@@ -165,7 +165,7 @@ class RapidDeiTForImageClassificationWithTeacher(RapidHeadMixin, DeiTForImageCla
         output_dense: bool = False,
         **kwargs: Any,
     ) -> RapidDeiTWithTeacherOutput:
-        """The stock forward (mean of the two heads' logits); `rapid` runs other settings for this call only."""
+        """The stock forward (mirrors transformers 5.24: mean of the two heads' logits); `rapid` as above."""
         outputs: RapidModelOutput = self.rapid_backbone(
             pixel_values,
             interpolate_pos_encoding=interpolate_pos_encoding,
