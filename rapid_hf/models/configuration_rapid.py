@@ -125,5 +125,6 @@ class RapidDeiTConfig(_RapidConfigMixin, DeiTConfig):
 
 RAPID_CONFIGS: tuple[type, ...] = (RapidViTConfig, RapidDeiTConfig)
 
-for _config_class in RAPID_CONFIGS:  # `import rapid_hf` makes AutoConfig know them (see rapid_hf.registration)
-    AutoConfig.register(_config_class.model_type, _config_class, exist_ok=True)
+if __name__.startswith("rapid_hf."):  # the installed package (see rapid_hf.registration), never Hub remote code,
+    for _config_class in RAPID_CONFIGS:  # whose loading transformers allows only with trust_remote_code=True
+        AutoConfig.register(_config_class.model_type, _config_class, exist_ok=True)

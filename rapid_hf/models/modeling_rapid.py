@@ -187,13 +187,14 @@ class RapidDeiTForImageClassificationWithTeacher(RapidHeadMixin, DeiTForImageCla
         )
 
 
-AutoModel.register(RapidViTConfig, RapidViTModel, exist_ok=True)
-AutoModel.register(RapidDeiTConfig, RapidDeiTModel, exist_ok=True)
-AutoModelForImageClassification.register(RapidViTConfig, RapidViTForImageClassification, exist_ok=True)
-# Like transformers' own "deit" entry: one config, two heads, chosen by `config.architectures`.
-AutoModelForImageClassification.register(
-    RapidDeiTConfig, (RapidDeiTForImageClassification, RapidDeiTForImageClassificationWithTeacher), exist_ok=True
-)
+if __name__.startswith("rapid_hf."):  # the installed package only, never Hub remote code (see configuration_rapid)
+    AutoModel.register(RapidViTConfig, RapidViTModel, exist_ok=True)
+    AutoModel.register(RapidDeiTConfig, RapidDeiTModel, exist_ok=True)
+    AutoModelForImageClassification.register(RapidViTConfig, RapidViTForImageClassification, exist_ok=True)
+    # Like transformers' own "deit" entry: one config, two heads, chosen by `config.architectures`.
+    AutoModelForImageClassification.register(
+        RapidDeiTConfig, (RapidDeiTForImageClassification, RapidDeiTForImageClassificationWithTeacher), exist_ok=True
+    )
 
 RAPID_CLASSES: dict[type, type] = {
     ViTModel: RapidViTModel,
