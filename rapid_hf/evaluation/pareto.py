@@ -41,19 +41,25 @@ def pareto_points(accuracy: Sequence[dict[str, Any]], bench: Sequence[dict[str, 
 def plot_pareto(
     accuracy: Sequence[dict[str, Any]], bench: Sequence[dict[str, Any]], path: str | Path, title: str = ""
 ) -> Path:
-    """Save a two-panel PNG: top-1 vs throughput (left) and vs GFLOPs per image (right)."""
+    """Save a two-panel PNG: top-1 vs throughput (left) and vs GFLOPs per image (right), methods in their
+    `rapid_hf.visualization.METHOD_COLOURS` colour."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from rapid_hf.visualization import method_colour
+
     curves = pareto_points(accuracy, bench)
+    methods = {record["label"]: record["method"] for record in accuracy}
     if not curves:
         raise ValueError("no row appears in both the accuracy and the benchmark records: nothing to plot")
     figure, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
     for label, points in sorted(curves.items()):
         for axis, key in zip(axes, ("throughput", "gflops"), strict=True):
-            axis.plot([p[key] for p in points], [p["top1"] for p in points], marker="o", label=label)
+            style = "-" if label == methods[label] else "--"  # a named variant: its method's colour, dashed
+            axis.plot([p[key] for p in points], [p["top1"] for p in points], marker="o", label=label,
+                      color=method_colour(methods[label]), linestyle=style)
             for p in points:
                 axis.annotate(p["setting"], (p[key], p["top1"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     axes[0].set_xlabel("throughput (images/s, this run)")
