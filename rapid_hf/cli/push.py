@@ -15,6 +15,7 @@ writes the exact folder instead of uploading; add `--card-only` to write only RE
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -149,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
             build_repo_folder(folder, args.model, info, args.results)
             url = upload_folder(folder, args.repo_id, token, private=args.private)
     except HubAccessError as error:
-        print(f"rapid-hf push: error: {error}")
+        print(f"rapid-hf push: error: {error}", file=sys.stderr)
         return 1
     print(f"uploaded to {url} as {user}")
     return 0
