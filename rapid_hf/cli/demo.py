@@ -37,10 +37,11 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     if not args.image.is_file():
         parser.error(f"--image {str(args.image)!r} is not a file")
     common.check_device(args, parser)
-    if "none" not in args.methods:
-        args.methods = ["none", *args.methods]  # the speed-up is measured against it
     from rapid_hf.evaluation.loading import saved_settings
     from rapid_hf.evaluation.variants import grid_variants, saved_amount
+
+    if "none" not in args.methods:
+        args.methods = ["none", *args.methods]  # the speed-up is measured against it
 
     try:
         saved = saved_settings(args.model)

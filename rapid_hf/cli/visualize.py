@@ -39,8 +39,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     from rapid_hf.evaluation.loading import saved_settings
     from rapid_hf.evaluation.variants import grid_variants, saved_amount
+    from rapid_hf.reduction.config import METHODS
 
     args.methods = list(dict.fromkeys(args.methods))
+    unknown = [method for method in args.methods if method not in METHODS]
+    if unknown:
+        parser.error(f"unknown method(s) {unknown}: choose from {', '.join(METHODS)}")
     if not args.image.is_file():
         parser.error(f"--image {str(args.image)!r} is not a file")
     try:

@@ -196,8 +196,10 @@ def _provenance(results: MeasuredResults, info: CardInfo) -> list[str]:
         names = ", ".join(f"`{source.path.name}`" for source in results.sources)
         lines.append(f"Records: {names} (copied into `eval_results.json` with the commands that produced them).")
     if results.evaluation is not None:
-        context = _context({**results.evaluation, "dataset": evaluation_dataset(info, results.evaluation)[1]},
-                           EVALUATION_CONTEXT_KEYS)
+        shown = {**results.evaluation, "dataset": evaluation_dataset(info, results.evaluation)[1]}
+        if is_local_dataset(results.evaluation):
+            shown.pop("split", None)  # an imagefolder's split is always "train": it says nothing
+        context = _context(shown, EVALUATION_CONTEXT_KEYS)
         lines.append(f"Accuracy: {results.evaluation['n_samples']} labelled images"
                      + (f" ({context})" if context else "")
                      + ", by the rapid_hf evaluation harness (`rapid_hf.evaluation.accuracy`). Top-1 agreement "
