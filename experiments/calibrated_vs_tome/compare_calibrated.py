@@ -166,7 +166,7 @@ def markdown(records: list[dict], settings: list[dict], logs: dict[str, Any], re
         f"{meta['num_images']} calibration rows (index % 5 == 0), never reported. Unreduced top-1 "
         f"{100 * none['top1']:.2f}%. rapid = paper defaults (K=4, tau 0.7, rho 0.2, lambda 50); rapid-auto = "
         f"defaults with `switch_layer=\"auto\"` (resolved to K={meta['auto_switch_layer']}); rapid-calibrated = "
-        "`scripts/calibrate.py` search per row; crucial = crucial-token merging (crucial fraction "
+        "`rapid-hf calibrate` search per row; crucial = crucial-token merging (crucial fraction "
         f"{CRUCIAL_RATIO}).",
         "",
     ]

@@ -1,6 +1,6 @@
 """Robustness numbers: reduced-precision agreement with float32, the cost of the input check, torch.compile.
 
-    python scripts/check_dtypes.py --num-images 400 --inductor --output results/robustness_dtypes.json
+    python experiments/dtypes/check_dtypes.py --num-images 400 --inductor
 
 For every method and r, runs the real DeiT-Tiny in float32 and in each `--dtypes` entry (bfloat16 and float16,
 on `--device`) on the first `--num-images` report-split dev photos and records the top-1 agreement with
@@ -45,7 +45,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--inductor", action="store_true", help="also time an inductor compile (slow on CPU)")
-    parser.add_argument("--output", type=Path, default=Path("results/robustness_dtypes.json"))
+    parser.add_argument("--output", type=Path, default=Path(__file__).resolve().with_name("robustness_dtypes.json"))
     args = parser.parse_args()
     if args.num_images < 1 or args.batch_size < 1:
         parser.error("--num-images and --batch-size must be >= 1")

@@ -1,6 +1,7 @@
 """Cost of source tracing: forward time with `output_sources` / `output_dense` relative to tracing off.
 
-python scripts/benchmark_tracing.py --model PATH --images DIR --output results/tracing_overhead.json
+    python experiments/tracing/benchmark_tracing.py --model PATH --images DIR \
+        --output experiments/tracing/tracing_overhead.json
 
 Times are taken in one run with `torch.utils.benchmark` and reported as ratios to the untraced forward of the
 same method, since absolute times on a shared machine are noise.
