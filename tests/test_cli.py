@@ -200,3 +200,46 @@ def test_cards_name_the_local_photos_as_a_local_imagefolder():
         assert "ILSVRC" not in text and "datasets:" not in text, card
         assert "type: imagefolder" in text and "local imagefolder" in text, card
         assert "../shared" not in text and not any(prefix in text for prefix in MACHINE_PATH_PREFIXES), card
+
+
+@pytest.fixture(scope="module")
+def tiny_photos(tmp_path_factory) -> Path:
+    """An imagefolder of 6 random 64 px photos with labels in metadata.csv."""
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("tiny_photos")
+    rng = np.random.default_rng(0)
+    rows = ["file_name,label"]
+    for index in range(6):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(folder / f"{index}.png")
+        rows.append(f"{index}.png,{index % 10}")
+    (folder / "metadata.csv").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+def test_sweep_writes_its_tables_and_picture_into_the_output_folder(tiny_vit, tiny_photos, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["sweep", "--model", str(tiny_vit), "--data-dir", str(tiny_photos), "--name", "tiny",
+                     "--methods", "none,tome,rapid", "--r", "4,8", "--batch-size", "3", "--num-workers", "0",
+                     "--repeats", "1", "--warmup", "0", "--device", "cpu", "--output", "out"]) == 0
+    written = sorted(path.name for path in (tmp_path / "out").iterdir())
+    assert written == ["pareto_tiny.png", "tiny_cpu_bench.json", "tiny_cpu_bench.md", "tiny_dev.json", "tiny_dev.md"]
+    accuracy = json.loads((tmp_path / "out" / "tiny_dev.json").read_text())
+    assert [record["label"] for record in accuracy] == ["none", "tome", "rapid", "tome", "rapid"]
+    assert all(record["data_source"] == "imagefolder" and record["dataset"] == str(tiny_photos) for record in accuracy)
+    markdown = (tmp_path / "out" / "tiny_dev.md").read_text()
+    assert markdown.startswith("Produced by:\n\n```\nrapid-hf sweep --model ")
+    with pytest.raises(SystemExit) as exit_:  # nothing to reuse in a new folder
+        cli.main(["sweep", "--model", str(tiny_vit), "--data-dir", str(tiny_photos), "--r", "4", "--device", "cpu",
+                  "--skip-evaluation", "--output", "empty"])
+    assert exit_.value.code == 2
+
+
+def test_demo_prints_every_method_with_the_models_own_settings(saved_tiny_vit, tiny_photos, capsys):
+    folder, _ = saved_tiny_vit
+    assert cli.main(["demo", "--model", str(folder), "--image", str(tiny_photos / "0.png"), "--methods", "tome,rapid",
+                     "--batch-size", "2", "--repeats", "1", "--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines[1:4]] == ["none", "tome", "rapid"]
+    assert "r=6" in lines[3] and "speed-up over none" in lines[4]
