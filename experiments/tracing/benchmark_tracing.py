@@ -1,82 +1,83 @@
 """Cost of source tracing: forward time with `output_sources` / `output_dense` relative to tracing off.
 
-    python experiments/tracing/benchmark_tracing.py --model PATH --images DIR \
-        --output experiments/tracing/tracing_overhead.json
+    python experiments/tracing/benchmark_tracing.py --model ../shared/assets/deit-tiny-imagenet \
+        --data-dir ../shared/assets/imagenet-sample-dev --threads 1 --timer process
 
-Times are taken in one run with `torch.utils.benchmark` and reported as ratios to the untraced forward of the
-same method, since absolute times on a shared machine are noise.
+Times come from the package's benchmark clock (`rapid_hf.evaluation.throughput.time_forward`), settings
+interleaved round by round, and are reported as ratios to the untraced forward of the same method, since
+absolute times on a shared machine are noise. Writes tracing_overhead.json (records plus run information) and
+its Markdown table beside this script unless --output says otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
-import sys
 from pathlib import Path
 
 import torch
 from PIL import Image
-from torch.utils import benchmark
 from transformers import AutoImageProcessor
 
-from rapid_hf import RapidConfig, RapidViTForImageClassification
+from rapid_hf.cli.common import comma_list, positive_int, write_outputs
+from rapid_hf.evaluation.loading import load_rapid_model
+from rapid_hf.evaluation.report import command_line, run_info
+from rapid_hf.evaluation.throughput import TIMERS, time_forward
+from rapid_hf.reduction.config import RapidConfig
 
+HERE = Path(__file__).resolve().parent
 OPTIONS = {"off": {}, "output_sources": {"output_sources": True}, "output_dense": {"output_dense": True}}
+COLUMNS = [
+    ("method", lambda record: record["method"]),
+    ("r", lambda record: str(record["r"])),
+    ("tracing", lambda record: record["tracing"]),
+    ("time / untraced", lambda record: f"{record['ratio_to_off']:.3f}"),
+]
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="ViT image-classification checkpoint")
-    parser.add_argument("--images", required=True, type=Path, help="folder of .jpg photos (the first --batch are used)")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--r", type=int, default=16)
-    parser.add_argument("--methods", default="rapid,tome")
-    parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds; the median round is kept")
-    parser.add_argument("--number", type=int, default=3, help="forwards per round")
-    parser.add_argument("--output", required=True, type=Path)
-    args = parser.parse_args()
-    files = sorted(args.images.glob("*.jpg"))[: args.batch]
-    if len(files) < args.batch:
-        parser.error(f"{args.images} has {len(files)} .jpg files, fewer than --batch {args.batch}")
+    parser.add_argument("--model", required=True, help="ViT/DeiT image-classification checkpoint")
+    parser.add_argument("--data-dir", required=True, type=Path, help="folder of .jpg photos (the first are used)")
+    parser.add_argument("--batch-size", type=positive_int, default=8)
+    parser.add_argument("--r", type=positive_int, default=16)
+    parser.add_argument("--methods", type=comma_list(str, "method names"), default="rapid,tome")
+    parser.add_argument("--rounds", type=positive_int, default=15, help="interleaved rounds; the median is kept")
+    parser.add_argument("--number", type=positive_int, default=3, help="forwards per round")
+    parser.add_argument("--timer", choices=list(TIMERS), default="wall")
+    parser.add_argument("--threads", type=positive_int, help="torch.set_num_threads")
+    parser.add_argument("--output", type=Path, default=HERE / "tracing_overhead.json")
+    args = parser.parse_args(argv)
+    args.files = sorted(args.data_dir.glob("*.jpg"))[: args.batch_size]
+    if len(args.files) < args.batch_size:
+        parser.error(f"{args.data_dir} has {len(args.files)} .jpg files, fewer than --batch-size {args.batch_size}")
+    return args
 
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     processor = AutoImageProcessor.from_pretrained(args.model)
-    pixel_values = processor(images=[Image.open(f).convert("RGB") for f in files], return_tensors="pt")["pixel_values"]
-    model = RapidViTForImageClassification.from_pretrained(args.model).eval()
-    rows = []
-    for method in args.methods.split(","):
+    images = [Image.open(path).convert("RGB") for path in args.files]
+    pixel_values = processor(images=images, return_tensors="pt")["pixel_values"]
+    model = load_rapid_model(args.model)
+    clock, device = TIMERS[args.timer], torch.device("cpu")
+    records = []
+    for method in args.methods:
         model.set_rapid(RapidConfig(method=method, r=args.r))
-        timers = {
-            name: benchmark.Timer(
-                stmt="with torch.no_grad(): model(pixel_values=x, **options)",
-                globals={"torch": torch, "model": model, "x": pixel_values, "options": options},
-            )
-            for name, options in OPTIONS.items()
-        }
-        # Interleave the settings round by round so load from other processes hits them alike.
         times: dict[str, list[float]] = {name: [] for name in OPTIONS}
-        for _ in range(args.rounds):
-            for name, timer in timers.items():
-                times[name].append(timer.timeit(args.number).median)
+        with torch.no_grad():
+            for _ in range(args.rounds):  # interleaved, so load from other processes hits every setting alike
+                for name, options in OPTIONS.items():
+                    forward = lambda options=options: model(pixel_values=pixel_values, **options)  # noqa: E731
+                    times[name].append(time_forward(forward, args.number, clock, device))
         medians = {name: statistics.median(values) for name, values in times.items()}
         for name, median in medians.items():
-            ratio = round(median / medians["off"], 4)
-            rows.append({"method": method, "r": args.r, "tracing": name, "ratio_to_off": ratio})
-            print(f"{method} r={args.r} {name}: {median / medians['off']:.3f} x untraced")
-
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    record = {
-        "command": "python " + " ".join(sys.argv),
-        "batch": args.batch,
-        "rounds": args.rounds,
-        "forwards_per_round": args.number,
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "machine": platform.machine(),
-        "results": rows,
-    }
-    args.output.write_text(json.dumps(record, indent=2) + "\n")
+            records.append({"model": args.model, "method": method, "r": args.r, "tracing": name,
+                            "ratio_to_off": round(median / medians["off"], 4), "batch_size": args.batch_size,
+                            "rounds": args.rounds, "number": args.number, "timer": args.timer, **run_info()})
+    print(write_outputs(records, args.output, COLUMNS, command_line()))
 
 
 if __name__ == "__main__":
