@@ -62,7 +62,8 @@ def test_help_lists_every_subcommand_and_each_shows_its_defaults():
     completed = run_cli("--help")
     assert completed.returncode == 0, completed.stderr
     listed = re.findall(r"^    (\w+)", completed.stdout, re.M)
-    assert listed == list(cli.COMMANDS) == ["evaluate", "benchmark", "sweep", "calibrate", "visualize", "push", "demo"]
+    assert listed == list(cli.COMMANDS)
+    assert {"evaluate", "benchmark", "sweep", "calibrate", "visualize", "push", "demo"} <= set(listed)
     for name in cli.COMMANDS:
         text = cli.build_parser()._subparsers._group_actions[0].choices[name].format_help()
         assert "(default:" in text, name

@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     common.add_device_arguments(parser)
     common.add_benchmark_arguments(parser)
     parser.add_argument("--name", default="model", help="file prefix: NAME_dev.json, NAME_<device>_bench.json, ...")
-    parser.add_argument("--output", default=".", help="folder the files are written to")
+    parser.add_argument("--output", "--results-dir", dest="output", default=".", help="folder the files are written to")
     parser.add_argument("--skip-evaluation", action="store_true", help="reuse NAME_dev.json from an earlier sweep")
     parser.add_argument("--skip-benchmark", action="store_true", help="reuse NAME_<device>_bench.json")
 
