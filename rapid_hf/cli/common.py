@@ -20,7 +20,17 @@ from rapid_hf.evaluation.report import Column, markdown_table, write_json, write
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keep the description's layout (examples) and show every default in --help."""
+    """Keep the description's layout (examples) and show every default in --help.
+
+    A help text that states its own default ("(default: ...)") keeps it; required flags, switches and flags
+    without a default value get no "(default: None)" noise.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        help_text = action.help or ""
+        if "(default" in help_text or action.required or action.default in (None, False, [], {}, argparse.SUPPRESS):
+            return help_text
+        return super()._get_help_string(action)
 
 
 def comma_list(cast: Callable[[str], Any], what: str) -> Callable[[str], list]:
