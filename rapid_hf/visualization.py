@@ -14,12 +14,29 @@ import numpy as np
 import torch
 from matplotlib.colors import hsv_to_rgb
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
 from rapid_hf.reduction.tracing import assignment_from_sources
 
 GOLDEN_RATIO_CONJUGATE = 0.618033988749895
 MERGED_COLOUR_WEIGHT = 0.55
 BORDER_COLOUR = (1.0, 1.0, 1.0)
+
+# One colour per method in every figure the package draws (token pictures, accuracy/speed curves, studies).
+METHOD_COLOURS: dict[str, str] = {
+    "none": "#444444",
+    "rapid": "#1f77b4",
+    "tome": "#ff7f0e",
+    "tofu": "#2ca02c",
+    "crucial": "#9467bd",
+}
+
+
+def method_colour(method: str) -> str:
+    """The colour of `method` in every figure (ValueError for an unknown method, never a silent default)."""
+    if method not in METHOD_COLOURS:
+        raise ValueError(f"no colour for method {method!r}: choose from {', '.join(METHOD_COLOURS)}")
+    return METHOD_COLOURS[method]
 
 
 @dataclass(frozen=True)
@@ -141,6 +158,16 @@ def _draw_panel(axes, image: np.ndarray, trace: ImageTrace, layer: int, title_pr
     axes.set_axis_off()
 
 
+def add_token_legend(figure: Figure) -> None:
+    """Explain the colours of `render_tokens` under the panels: pruned grey, merged tinted, alone unchanged."""
+    handles = [
+        Patch(facecolor=(0.45, 0.45, 0.45), edgecolor="black", label="pruned patch (grey)"),
+        Patch(facecolor=token_colours(3)[1], edgecolor="white", label="merged group (a tint per token, white outline)"),
+        Patch(facecolor="white", edgecolor="black", label="token still alone (image unchanged)"),
+    ]
+    figure.legend(handles=handles, loc="outside lower center", ncols=3, fontsize=8, frameon=False)
+
+
 def layer_figure(image: np.ndarray, trace: ImageTrace, layers: Sequence[int], title: str) -> Figure:
     """One panel per layer in `layers` (0-based), token groups after that layer's reduction."""
     layers = check_layers(layers, len(trace.assignments))
@@ -148,30 +175,40 @@ def layer_figure(image: np.ndarray, trace: ImageTrace, layers: Sequence[int], ti
     for axes, layer in zip(figure.subplots(1, len(layers), squeeze=False)[0], layers, strict=True):
         _draw_panel(axes, image, trace, layer)
     figure.suptitle(title)
+    add_token_legend(figure)
     return figure
 
 
 def comparison_figure(image: np.ndarray, traces: Mapping[str, ImageTrace], layers: Sequence[int], title: str) -> Figure:
-    """Methods side by side: one row per trace (method), one column per layer."""
+    """Methods side by side: one row per trace (keyed by method name), one column per layer.
+
+    Row titles take the method's colour (`METHOD_COLOURS`), as in the accuracy/speed picture.
+    """
     if not traces:
         raise ValueError("comparison_figure needs at least one trace")
     layers = check_layers(layers, min(len(trace.assignments) for trace in traces.values()))
     figure = Figure(figsize=(3.2 * len(layers), 3.4 * len(traces)), layout="constrained")
     grid = figure.subplots(len(traces), len(layers), squeeze=False)
-    for row, trace in zip(grid, traces.values(), strict=True):
+    for row, (method, trace) in zip(grid, traces.items(), strict=True):
         for axes, layer in zip(row, layers, strict=True):
             _draw_panel(axes, image, trace, layer, title_prefix=f"{trace.label}: ")
+            if method in METHOD_COLOURS:
+                axes.title.set_color(METHOD_COLOURS[method])
     figure.suptitle(title)
+    add_token_legend(figure)
     return figure
 
 
 __all__ = [
+    "METHOD_COLOURS",
     "ImageTrace",
+    "add_token_legend",
     "check_layers",
     "comparison_figure",
     "default_layers",
     "denormalize",
     "layer_figure",
+    "method_colour",
     "render_tokens",
     "token_colours",
 ]

@@ -1,14 +1,21 @@
-"""Throughput, speedup, GFLOPs and peak memory of token-reduction methods, all measured in one run.
+"""`python scripts/benchmark.py ARGS` runs `rapid-hf benchmark ARGS`, for checkouts without the installed command."""
 
-    python scripts/benchmark.py --model facebook/deit-small-patch16-224 --methods none,tome,tofu,rapid --r 8,16 \
-        --batch-size 64 --device cuda --precision fp16 --output results/bench.json
+import sys
+from collections.abc import Sequence
 
-Synthetic inputs at the model's resolution; methods are interleaved over the timed repeats, so the speed ratios
-are comparable within the run. On a busy shared CPU add `--threads 1 --timer process`. Writes a JSON list of
-records (fields: `rapid_hf.evaluation.throughput`) and a Markdown table next to it.
-"""
+from rapid_hf.cli import main as rapid_hf_main
+from rapid_hf.cli import parse_args as rapid_hf_parse_args
 
-from rapid_hf.evaluation.cli import benchmark_main
+
+def parse_args(argv: Sequence[str] | None = None):
+    """The checked arguments of `rapid-hf benchmark`."""
+    return rapid_hf_parse_args(["benchmark", *(sys.argv[1:] if argv is None else argv)])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run `rapid-hf benchmark`; returns the exit status."""
+    return rapid_hf_main(["benchmark", *(sys.argv[1:] if argv is None else argv)])
+
 
 if __name__ == "__main__":
-    benchmark_main(description=__doc__)
+    sys.exit(main())

@@ -1,13 +1,21 @@
-"""Evaluate and benchmark a grid of token-reduction settings; write the results tables and the Pareto picture.
+"""`python scripts/sweep.py ARGS` runs `rapid-hf sweep ARGS`, for checkouts without the installed command."""
 
-    python scripts/sweep.py --model /path/to/deit-tiny --data-dir /path/to/photos --name deit_tiny \
-        --methods none,tome,tofu,rapid --r 4,8,12,16 --threads 1 --timer process
+import sys
+from collections.abc import Sequence
 
-writes results/NAME_dev.{json,md} (accuracy, fidelity, speed tables), results/NAME_<device>_bench.{json,md} and
-results/pareto_NAME.png (top-1 vs throughput and vs GFLOPs, one curve per method).
-"""
+from rapid_hf.cli import main as rapid_hf_main
+from rapid_hf.cli import parse_args as rapid_hf_parse_args
 
-from rapid_hf.evaluation.cli import sweep_main
+
+def parse_args(argv: Sequence[str] | None = None):
+    """The checked arguments of `rapid-hf sweep`."""
+    return rapid_hf_parse_args(["sweep", *(sys.argv[1:] if argv is None else argv)])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run `rapid-hf sweep`; returns the exit status."""
+    return rapid_hf_main(["sweep", *(sys.argv[1:] if argv is None else argv)])
+
 
 if __name__ == "__main__":
-    sweep_main(description=__doc__)
+    sys.exit(main())

@@ -12,8 +12,8 @@ from rapid_hf import (
     RapidConfig,
     RapidDeiTForImageClassificationWithTeacher,
     RapidViTForImageClassification,
+    cli,
 )
-from rapid_hf.evaluation import cli
 from rapid_hf.evaluation.flops import counted_flops, model_flops, vit_flops
 from rapid_hf.evaluation.pareto import pareto_points, plot_pareto
 from rapid_hf.evaluation.throughput import benchmark, profile_forward, time_forward
@@ -141,12 +141,13 @@ def test_bad_benchmark_settings_are_refused(tiny_vit, kwargs, message):
 def test_benchmark_script_writes_records_and_table(tiny_vit, tmp_path):
     tiny_vit.save_pretrained(tmp_path / "model")
     output = tmp_path / "bench.json"
-    cli.benchmark_main(["--model", str(tmp_path / "model"), "--methods", "tome,rapid", "--output-tokens", "17",
-                        "--batch-size", "2", "--repeats", "2", "--warmup", "0", "--timer", "process",
-                        "--device", "cpu", "--output", str(output)])
+    assert cli.main(["benchmark", "--model", str(tmp_path / "model"), "--methods", "tome,rapid", "--output-tokens",
+                     "17", "--batch-size", "2", "--repeats", "2", "--warmup", "0", "--timer", "process",
+                     "--device", "cpu", "--output", str(output)]) == 0
     records = json.loads(output.read_text())
     required = {"model", "label", "method", "r", "output_tokens", "rapid", "throughput", "speedup", "gflops",
-                "flop_ratio", "speedup_over_flop_ratio", "peak_memory_mb", "num_threads", "date", "timer"}
+                "flop_ratio", "speedup_over_flop_ratio", "peak_memory_mb", "num_threads", "date", "timer",
+                "settings_source", "overrides"}
     assert all(required <= set(record) for record in records)
     assert [r["output_tokens"] for r in records] == [65, 17, 17] and records[1]["r"] is None
     assert "| rapid | out=17 | 17 |" in output.with_suffix(".md").read_text()

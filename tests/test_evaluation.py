@@ -16,8 +16,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from transformers import AutoImageProcessor, ViTConfig, ViTForImageClassification, ViTImageProcessorPil
 
-from rapid_hf import RapidConfig
-from rapid_hf.evaluation import cli
+from rapid_hf import RapidConfig, cli
 from rapid_hf.evaluation.accuracy import paired_bootstrap_ci, predict, summarize
 from rapid_hf.evaluation.data import DataSpec, load_rows, make_dataloader
 from rapid_hf.evaluation.fidelity import kl_divergence
@@ -158,16 +157,17 @@ def test_named_variant_needs_name_equals_settings():
         parse_named_variant('{"switch_layer": 3}')
 
 
-def test_cli_reports_bad_combinations_as_usage_errors(capsys):
-    parser = cli.evaluation_parser()
+def test_cli_reports_bad_combinations_as_usage_errors(tiny_model_dir, capsys):
+    common = ["evaluate", "--model", str(tiny_model_dir), "--dataset", "imagenet-1k"]
     with pytest.raises(SystemExit):
-        cli.parse(parser, ["--r", "4", "--output-tokens", "9"])
+        cli.parse_args([*common, "--r", "4", "--output-tokens", "9"])
     with pytest.raises(SystemExit):
-        cli.parse(parser, ["--r", "4", "--rapid-config", '{"switch_layr": 3}'])
+        cli.parse_args([*common, "--r", "4", "--rapid-config", '{"switch_layr": 3}'])
     assert "switch_layr" in capsys.readouterr().err
-    args = cli.parse(parser, ["--r", "4,8", "--methods", "none,rapid", "--variant", 'k3={"switch_layer": 3}'])
-    assert args.dataset == "imagenet-1k" and args.model == cli.DEFAULT_MODEL
+    args = cli.parse_args([*common, "--r", "4,8", "--methods", "none,rapid", "--variant", 'k3={"switch_layer": 3}'])
+    assert args.output == "eval.json"  # the current directory, never the repository's results/
     assert [v.label for v in args.variant_rows] == ["none", "rapid", "rapid", "k3", "k3"]
+    assert [v.settings_source for v in args.variant_rows] == ["defaults", "defaults", "defaults", "variant", "variant"]
 
 
 # --- data selection ----------------------------------------------------------------------------------------
@@ -311,7 +311,7 @@ def test_evaluate_script_on_real_deit_tiny_matches_transformers(deit_tiny_path, 
     output = tmp_path / "eval.json"
     argv = ["--model", str(deit_tiny_path), "--data-dir", str(dev_images_path), "--max-samples", "8",
             "--methods", "none,rapid", "--r", "16", "--batch-size", "8", "--num-workers", "0", "--output", str(output)]
-    cli.evaluate_main(argv)
+    assert cli.main(["evaluate", *argv]) == 0
     none, rapid = json.loads(output.read_text())
     with torch.no_grad():
         expected = reference_model(pixel_values=dev_pixel_values).logits.argmax(-1)
@@ -325,13 +325,13 @@ def test_evaluate_script_on_real_deit_tiny_matches_transformers(deit_tiny_path, 
 def test_two_processes_give_the_numbers_of_one(tiny_model_dir, tiny_images_dir, tmp_path):
     argv = ["--model", str(tiny_model_dir), "--data-dir", str(tiny_images_dir), "--methods", "none,tome,rapid",
             "--r", "6", "--batch-size", "4", "--num-workers", "0"]
-    cli.evaluate_main([*argv, "--output", str(tmp_path / "one.json")])
+    cli.main(["evaluate", *argv, "--output", str(tmp_path / "one.json")])
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     result = subprocess.run(
-        [*launch, str(REPO_ROOT / "scripts" / "evaluate.py"), *argv, "--output", str(tmp_path / "two.json")],
+        [*launch, "-m", "rapid_hf.cli", "evaluate", *argv, "--output", str(tmp_path / "two.json")],
         env=env, capture_output=True, text=True, timeout=240,
     )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -7,7 +7,6 @@ temporary HF_HOME; nothing here reaches the network (uploads are tested against 
 from __future__ import annotations
 
 import ast
-import importlib.util
 import json
 import keyword
 import os
@@ -33,7 +32,7 @@ from transformers import (
     pipeline,
 )
 
-from rapid_hf import RapidConfig, RapidViTForImageClassification
+from rapid_hf import RapidConfig, RapidViTForImageClassification, cli
 from rapid_hf.hub import push
 from rapid_hf.hub.model_card import CardInfo, build_model_card, card_metrics
 from rapid_hf.hub.push import HubAccessError, build_repo_folder, check_repo_id, require_login, upload_folder
@@ -113,11 +112,16 @@ def bench_record(model, method="rapid", r=16, **extra):
     return {**record, **extra}
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("push_to_hub_script", REPO_ROOT / "scripts" / "push_to_hub.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def push_main(argv: list[str]) -> int:
+    """`rapid-hf push ARGV` in this process; returns the exit status (usage errors exit with 2)."""
+    try:
+        return cli.main(["push", *argv])
+    except SystemExit as exit_:
+        return int(exit_.code)
+
+
+def push_args(argv: list[str]):
+    return cli.parse_args(["push", *argv])
 
 
 def http_error(status: int) -> HfHubHTTPError:
@@ -307,7 +311,8 @@ def test_card_metadata_and_model_index_come_from_the_records(tiny_vit):
     results = MeasuredResults(evaluation=eval_record(tiny_vit, dataset="ILSVRC/imagenet-1k", split="validation"),
                               benchmark=bench_record(tiny_vit, speedup=1.73004),
                               reference=eval_record(tiny_vit, method="none", r=0, top1=0.8, output_tokens=65))
-    card = build_model_card(CardInfo(repo_id="me/tiny-rapid", base_model=BASE, rapid=RAPID16), results)
+    info = CardInfo(repo_id="me/tiny-rapid", base_model=BASE, rapid=RAPID16, dataset_name="ImageNet-1k")
+    card = build_model_card(info, results)
     data = card.data.to_dict()
     assert data["license"] == "apache-2.0"
     assert data["library_name"] == "transformers"
@@ -334,8 +339,14 @@ def test_card_leaves_out_what_was_not_measured(tiny_vit):
     local_rows = eval_record(tiny_vit, top5=None, kl=None, dataset="/data/imagefolder", split="train")
     only_accuracy = build_model_card(CardInfo(repo_id="me/tiny", base_model=BASE, rapid=RAPID16),
                                      MeasuredResults(evaluation=local_rows))
-    # a local imagefolder's split ("train") must not be reported as a split of ILSVRC/imagenet-1k
-    assert "split" not in only_accuracy.data.to_dict()["model-index"][0]["results"][0]["dataset"]
+    # a local imagefolder is named as such: no Hub dataset in the metadata, no split, no local path on the card
+    data = only_accuracy.data.to_dict()
+    assert data["model-index"][0]["results"][0]["dataset"] == {"name": "local imagefolder", "type": "imagefolder"}
+    assert "datasets" not in data and "imagenet" not in str(only_accuracy).lower()
+    assert "/data/imagefolder" not in str(only_accuracy)
+    named = build_model_card(CardInfo(repo_id="me/tiny", base_model=BASE, rapid=RAPID16, dataset_name="my photos"),
+                             MeasuredResults(evaluation=local_rows))
+    assert named.data.to_dict()["model-index"][0]["results"][0]["dataset"]["name"] == "my photos"
     assert set(card_metrics(only_accuracy)) == {"accuracy", "output_tokens"}  # top5=None: the harness had < 5 classes
     assert "throughput ratio" not in only_accuracy.text
     assert "top-5" not in only_accuracy.text and "KL(" not in only_accuracy.text
@@ -355,32 +366,63 @@ def test_malformed_repo_ids_are_refused(repo_id):
 
 
 def test_cli_reports_input_errors_before_loading_weights(tmp_path, tiny_vit, capsys):
-    script = load_script()
     base = ["--model", str(tiny_vit), "--base-model", BASE, "--dry-run", str(tmp_path / "out")]
-    assert script.main(["--repo-id", "not a repo", *base]) == 1
+    assert push_main(["--repo-id", "not a repo", *base]) == 2
     assert "repo id 'not a repo' is malformed" in capsys.readouterr().err
-    assert script.main(["--repo-id", "me/tiny", "--model", str(tiny_vit), "--dry-run", str(tmp_path / "o")]) == 1
+    assert push_main(["--repo-id", "me/tiny", "--model", str(tiny_vit), "--dry-run", str(tmp_path / "o")]) == 2
     assert "is a local folder: pass --base-model" in capsys.readouterr().err
-    assert script.main(["--repo-id", "me/tiny", "--results", str(tmp_path / "missing.json"), *base]) == 1
-    assert "missing.json does not exist" in capsys.readouterr().err
+    assert push_main(["--repo-id", "me/tiny", "--results", str(tmp_path / "missing.json"), *base]) == 2
+    assert "missing.json'] do not exist" in capsys.readouterr().err
     other = write_json(tmp_path / "other.json", [eval_record("google/vit-base-patch16-224")])
-    assert script.main(["--repo-id", "me/tiny", "--results", str(other), *base]) == 1
+    assert push_main(["--repo-id", "me/tiny", "--results", str(other), *base]) == 2
     assert "not for --model" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
     (tmp_path / "used").mkdir()
     (tmp_path / "used" / "old.py").write_text("")
-    assert script.main(["--repo-id", "me/tiny", "--model", str(tiny_vit), "--base-model", BASE,
-                        "--dry-run", str(tmp_path / "used")]) == 1
+    assert push_main(["--repo-id", "me/tiny", "--model", str(tiny_vit), "--base-model", BASE,
+                      "--dry-run", str(tmp_path / "used")]) == 2
     assert "already holds ['old.py']" in capsys.readouterr().err
+    model = ["--model", str(tiny_vit)]
     with pytest.raises(SystemExit):
-        script.parse_args(["--repo-id", "me/tiny", "--card-only"])
+        push_args([*model, "--repo-id", "me/tiny", "--card-only"])
     assert "--card-only needs --dry-run" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        script.parse_args(["--repo-id", "me/tiny", "--rapid-config", '{"r": 8}'])
+        push_args([*model, "--repo-id", "me/tiny", "--rapid-config", '{"r": 8}'])
     assert "give ['r'] with --method / --r / --output-tokens" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        script.parse_args(["--repo-id", "me/tiny", "--rapid-config", '{"switch_layr": 3}'])
+        push_args([*model, "--repo-id", "me/tiny", "--rapid-config", '{"switch_layr": 3}'])
     assert "unknown RapidConfig field(s) ['switch_layr']" in capsys.readouterr().err
+
+
+def test_push_crucial_builds_a_card(tmp_path, tiny_vit):
+    """Every method has card text: `push --method crucial` builds its card (it used to die with a KeyError)."""
+    results = write_json(tmp_path / "eval.json", [eval_record(tiny_vit, method="crucial")])
+    assert push_main(["--model", str(tiny_vit), "--base-model", BASE, "--repo-id", "me/tiny-crucial",
+                      "--method", "crucial", "--results", str(results), "--dry-run", str(tmp_path / "card"),
+                      "--card-only"]) == 0
+    assert "crucial-token merging" in (tmp_path / "card" / "README.md").read_text()
+
+
+def test_a_saved_model_is_pushed_with_its_own_settings(tmp_path, tiny_vit):
+    calibrated = RapidConfig(method="rapid", r=6, switch_layer=1, prune_threshold=0.5)
+    model = RapidViTForImageClassification.from_pretrained(tiny_vit, rapid=calibrated)
+    model.save_pretrained(tmp_path / "calibrated")
+    ViTImageProcessor(size={"height": 64, "width": 64}).save_pretrained(tmp_path / "calibrated")
+    base = ["--model", str(tmp_path / "calibrated"), "--base-model", BASE, "--repo-id", "me/cal"]
+    args = push_args(base)
+    assert (args.rapid, args.settings_source, args.overrides) == (calibrated, "model", {})
+    args = push_args([*base, "--r", "4"])
+    assert args.rapid == calibrated.replace(r=4) and args.overrides == {"r": 4}
+    args = push_args([*base, "--method", "tome"])
+    assert args.rapid == RapidConfig(method="tome", r=16) and args.settings_source == "defaults"
+    results = write_json(tmp_path / "eval.json", [
+        eval_record(tmp_path / "calibrated", r=4, rapid=calibrated.replace(r=4).to_dict())])
+    assert push_main([*base, "--r", "4", "--results", str(results), "--dry-run", str(tmp_path / "card"),
+                      "--card-only"]) == 0
+    card = (tmp_path / "card" / "README.md").read_text()
+    assert "the model's own saved settings (config.json `rapid`), with r=4 set on the command line" in card
+    shipped = json.loads((tmp_path / "card" / "eval_results.json").read_text())
+    assert shipped["settings_source"] == "model" and shipped["overrides"] == {"r": 4}
 
 
 def test_cli_settings_select_the_matching_records(tmp_path, tiny_vit):
@@ -389,20 +431,19 @@ def test_cli_settings_select_the_matching_records(tmp_path, tiny_vit):
     path = write_json(tmp_path / "eval.json", [
         eval_record(tiny_vit), eval_record(tiny_vit, label="rapid-cal", rapid=calibrated.to_dict(), top1=0.75),
         eval_record(tiny_vit, method="tome", r=None, rapid=by_tokens.to_dict(), top1=0.6)])
-    script = load_script()
     common = ["--model", str(tiny_vit), "--results", str(path)]
-    args = script.parse_args([*common, "--repo-id", "me/a", "--rapid-config", '{"switch_layer": 2}'])
-    assert load_results(args.results, args.model, script.rapid_config(args)).evaluation["top1"] == 0.75
-    args = script.parse_args([*common, "--repo-id", "me/b", "--method", "tome", "--output-tokens", "29"])
-    assert script.rapid_config(args) == by_tokens
+    args = push_args([*common, "--repo-id", "me/a", "--rapid-config", '{"switch_layer": 2}'])
+    assert load_results(args.results, args.model, args.rapid).evaluation["top1"] == 0.75
+    args = push_args([*common, "--repo-id", "me/b", "--method", "tome", "--output-tokens", "29"])
+    assert args.rapid == by_tokens
     assert load_results(args.results, args.model, by_tokens).evaluation["top1"] == 0.6
 
 
 def test_cli_dry_run_writes_the_repository_folder(tmp_path, tiny_vit):
     results = write_json(tmp_path / "eval.json", [eval_record(tiny_vit)])
     out = tmp_path / "repo"
-    assert load_script().main(["--model", str(tiny_vit), "--base-model", BASE, "--repo-id", "me/tiny-rapid-r16",
-                               "--results", str(results), "--dry-run", str(out)]) == 0
+    assert push_main(["--model", str(tiny_vit), "--base-model", BASE, "--repo-id", "me/tiny-rapid-r16",
+                      "--results", str(results), "--dry-run", str(out)]) == 0
     files = {path.name for path in out.iterdir()}
     assert {"model.safetensors", "config.json", "preprocessor_config.json", "README.md", "eval_results.json",
             "configuration_rapid.py", "modeling_rapid.py"} <= files
@@ -412,7 +453,8 @@ def test_cli_dry_run_writes_the_repository_folder(tmp_path, tiny_vit):
     assert config["auto_map"] == {"AutoConfig": "configuration_rapid.RapidViTConfig",
                                   "AutoModelForImageClassification": "modeling_rapid.RapidViTForImageClassification"}
     assert config["rapid"] == RAPID16.to_dict()
-    assert json.loads((out / "eval_results.json").read_text())["evaluation"] == eval_record(tiny_vit)
+    shipped = json.loads((out / "eval_results.json").read_text())
+    assert shipped["evaluation"] == eval_record(tiny_vit) and shipped["settings_source"] == "defaults"
     assert card_metrics(ModelCard.load(out / "README.md"))["accuracy"] == 0.7425
     # With rapid_hf imported, the folder loads through the registered (installed) classes, no remote code.
     from transformers import AutoModelForImageClassification
@@ -422,8 +464,8 @@ def test_cli_dry_run_writes_the_repository_folder(tmp_path, tiny_vit):
 
     card_dir = tmp_path / "card"
     for _ in range(2):  # --card-only may refresh its own two files in place
-        assert load_script().main(["--model", str(tiny_vit), "--base-model", BASE, "--repo-id", "me/tiny-rapid-r16",
-                                   "--results", str(results), "--dry-run", str(card_dir), "--card-only"]) == 0
+        assert push_main(["--model", str(tiny_vit), "--base-model", BASE, "--repo-id", "me/tiny-rapid-r16",
+                          "--results", str(results), "--dry-run", str(card_dir), "--card-only"]) == 0
     assert sorted(path.name for path in card_dir.iterdir()) == ["README.md", "eval_results.json"]
     assert (card_dir / "README.md").read_text() == (out / "README.md").read_text()
 
@@ -456,7 +498,7 @@ def test_rejected_token_offline_mode_and_missing_write_access_are_clear(monkeypa
         upload_folder(tmp_path, "other/repo", "hf_fake")
 
 
-def test_upload_creates_the_repo_and_uploads_the_built_folder(monkeypatch, tmp_path, tiny_vit):
+def test_upload_creates_the_repo_and_uploads_the_built_folder(monkeypatch, tmp_path, tiny_vit, capsys):
     uploaded: dict[str, object] = {}
 
     def fake_upload(self, *, repo_id, folder_path, commit_message):
@@ -467,10 +509,9 @@ def test_upload_creates_the_repo_and_uploads_the_built_folder(monkeypatch, tmp_p
     monkeypatch.setattr(HfApi, "create_repo", create)
     monkeypatch.setattr(HfApi, "upload_folder", fake_upload)
     monkeypatch.setattr(push, "get_token", lambda: "hf_fake")
-    script = load_script()
-    args = script.parse_args(["--model", str(tiny_vit), "--base-model", BASE, "--repo-id", "me/tiny-rapid-r16",
-                              "--private"])
-    assert script.run(args) == "uploaded to https://huggingface.co/me/tiny-rapid-r16 as me"
+    args = push_args(["--model", str(tiny_vit), "--base-model", BASE, "--repo-id", "me/tiny-rapid-r16", "--private"])
+    assert cli.main(["push", *args.argv[1:]]) == 0
+    assert "uploaded to https://huggingface.co/me/tiny-rapid-r16 as me" in capsys.readouterr().out
     assert create.call_args.kwargs == {"private": True, "exist_ok": True}
     assert uploaded["repo_id"] == "me/tiny-rapid-r16"
     assert {"model.safetensors", "config.json", "modeling_rapid.py", "README.md"} <= set(uploaded["files"])

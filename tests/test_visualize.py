@@ -1,28 +1,31 @@
-"""Token-group pictures: the drawing functions on hand-made traces, and scripts/visualize.py on the real DeiT-Tiny."""
+"""Token-group pictures: the drawing functions on hand-made traces, and `rapid-hf visualize` on the real DeiT-Tiny."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from matplotlib.colors import to_hex
 from PIL import Image
 
+from rapid_hf import RapidConfig, cli
+from rapid_hf.cli.visualize import draw
+from rapid_hf.evaluation.pareto import pareto_figure
 from rapid_hf.reduction.tracing import sources_from_assignment
 from rapid_hf.visualization import (
+    METHOD_COLOURS,
     ImageTrace,
     comparison_figure,
     default_layers,
     denormalize,
     layer_figure,
+    method_colour,
     render_tokens,
     token_colours,
 )
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "visualize.py"
 
 # A 4x4 patch grid of 2x2-pixel patches: patches 0 and 1 are merged into token 1, patch 15 is pruned,
 # the rest stand alone (tokens 2..14; token 0 is CLS).
@@ -30,12 +33,12 @@ ASSIGNMENT = np.array([1, 1, *range(2, 15), -1])
 GRID = (4, 4)
 
 
-@pytest.fixture(scope="module")
-def visualize():
-    spec = importlib.util.spec_from_file_location("visualize_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def visualize(argv: list[str]):
+    """`rapid-hf visualize ARGV`: write the picture and return its figure."""
+    args = cli.parse_args(["visualize", *argv])
+    figure = draw(args)
+    figure.savefig(args.output, dpi=args.dpi)
+    return figure
 
 
 def patch_pixels(picture: np.ndarray, patch: int) -> np.ndarray:
@@ -132,11 +135,11 @@ def assert_png(path: Path, figure, dpi: int) -> None:
         assert np.abs(np.array(picture.size) - expected).max() <= 1
 
 
-def test_script_writes_one_panel_per_layer(visualize, deit_tiny_path, dev_images_path, tmp_path):
+def test_script_writes_one_panel_per_layer(deit_tiny_path, dev_images_path, tmp_path, capsys):
     image = sorted(dev_images_path.glob("*.jpg"))[0]
     output = tmp_path / "rapid.png"
     args = ["--model", str(deit_tiny_path), "--image", str(image), "--method", "rapid", "--r", "16"]
-    figure = visualize.main([*args, "--layers", "0,5,11", "--output", str(output), "--dpi", "50"])
+    figure = visualize([*args, "--layers", "0,5,11", "--output", str(output), "--dpi", "50"])
     assert len(figure.axes) == 3
     assert "rapid r=16" in figure.get_suptitle()
     assert [axes.get_title().split("\n")[0] for axes in figure.axes] == [
@@ -145,15 +148,16 @@ def test_script_writes_one_panel_per_layer(visualize, deit_tiny_path, dev_images
         "layer 11: 11 tokens",
     ]
     assert_png(output, figure, dpi=50)
-    with pytest.raises(ValueError, match="out of range"):
-        visualize.main([*args, "--layers", "12", "--output", str(tmp_path / "bad.png")])
+    with pytest.raises(SystemExit):
+        cli.main(["visualize", *args, "--layers", "12", "--output", str(tmp_path / "bad.png")])
+    assert "out of range" in capsys.readouterr().err
     assert not (tmp_path / "bad.png").exists()
 
 
-def test_script_compares_methods_at_another_resolution(visualize, deit_tiny_path, dev_images_path, tmp_path):
+def test_script_compares_methods_at_another_resolution(deit_tiny_path, dev_images_path, tmp_path):
     image = sorted(dev_images_path.glob("*.jpg"))[1]
     output = tmp_path / "compare.png"
-    figure = visualize.main(
+    figure = visualize(
         [
             *("--model", str(deit_tiny_path), "--image", str(image), "--compare", "rapid,tome,tofu", "--r", "16"),
             *("--layers", "3,11", "--size", "160", "--output", str(output), "--dpi", "50"),
@@ -166,16 +170,44 @@ def test_script_compares_methods_at_another_resolution(visualize, deit_tiny_path
     assert_png(output, figure, dpi=50)
 
 
-def test_script_rejects_bad_arguments(visualize, tmp_path, capsys):
+def test_script_rejects_bad_arguments(tmp_path, capsys):
     missing = ["--model", "m", "--image", str(tmp_path / "none.jpg"), "--output", str(tmp_path / "x.png")]
     with pytest.raises(SystemExit):
-        visualize.main(missing)
+        visualize(missing)
     assert "is not a file" in capsys.readouterr().err
     image = tmp_path / "image.png"
     Image.new("RGB", (8, 8)).save(image)
     with pytest.raises(SystemExit):
-        visualize.main(["--model", "m", "--image", str(image), "--compare", "rapid,nope", "--output", "x.png"])
+        visualize(["--model", "m", "--image", str(image), "--compare", "rapid,nope", "--output", "x.png"])
     assert "unknown method(s) ['nope']" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        visualize.main(["--model", "m", "--image", str(image), "--layers", "a,b", "--output", "x.png"])
-    assert "--layers must be a comma-separated list" in capsys.readouterr().err
+        visualize(["--model", "m", "--image", str(image), "--layers", "a,b", "--output", "x.png"])
+    assert "expected a comma-separated list of integers >= 0, got 'a,b'" in capsys.readouterr().err
+
+
+def test_token_pictures_have_a_legend_and_methods_keep_their_colour(deit_tiny_path, dev_images_path, tmp_path):
+    image = sorted(dev_images_path.glob("*.jpg"))[0]
+    figure = visualize(["--model", str(deit_tiny_path), "--image", str(image), "--methods", "rapid,tome",
+                        "--layers", "11", "--output", str(tmp_path / "cmp.png"), "--dpi", "30"])
+    (legend,) = figure.legends
+    labels = [text.get_text() for text in legend.get_texts()]
+    assert any("pruned" in label and "grey" in label for label in labels)
+    assert any("merged group" in label for label in labels)
+    rapid_title, tome_title = (axes.title for axes in figure.axes)
+    assert to_hex(rapid_title.get_color()) == METHOD_COLOURS["rapid"]
+    assert to_hex(tome_title.get_color()) == METHOD_COLOURS["tome"]
+
+
+def test_one_colour_per_method_in_the_accuracy_speed_picture(tmp_path):
+    accuracy, bench = [], []
+    for method in ("none", "tome", "rapid"):
+        for r in (4, 8) if method != "none" else (0,):
+            key = {"label": method, "method": method, "r": r, "rapid": RapidConfig(method=method, r=r).to_dict()}
+            accuracy.append({**key, "top1": 0.7 - 0.01 * r})
+            bench.append({**key, "throughput": 10.0 + r, "gflops": 2.0 - 0.1 * r})
+    figure = pareto_figure(accuracy, bench)
+    for axes in figure.axes:
+        colours = {line.get_label(): to_hex(line.get_color()) for line in axes.get_lines()}
+        assert colours == {"rapid": METHOD_COLOURS["rapid"], "tome": METHOD_COLOURS["tome"]}
+    with pytest.raises(ValueError, match="no colour for method 'magic'"):
+        method_colour("magic")

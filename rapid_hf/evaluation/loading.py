@@ -11,6 +11,7 @@ from rapid_hf.models.modeling_rapid import (
     RapidDeiTForImageClassificationWithTeacher,
     RapidViTForImageClassification,
 )
+from rapid_hf.reduction.config import RapidConfig
 
 PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -41,3 +42,19 @@ def autocast_for(device: torch.device, precision: str) -> torch.autocast:
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r} is invalid: choose from {', '.join(PRECISIONS)}")
     return torch.autocast(device.type, dtype=PRECISIONS[precision], enabled=precision != "fp32")
+
+
+def saved_settings(name_or_path: str) -> RapidConfig | None:
+    """The reduction settings a checkpoint was saved with (config.json `rapid`), None for a plain checkpoint.
+
+    This is what the model runs when nothing overrides it (`model.rapid` after loading), read without loading
+    the weights so the command line can be checked first.
+    """
+    import rapid_hf  # noqa: F401  (registers rapid_vit / rapid_deit with AutoConfig)
+
+    settings = getattr(AutoConfig.from_pretrained(name_or_path), "rapid", None)
+    if settings is None:
+        return None
+    if not isinstance(settings, dict):
+        raise ValueError(f"{name_or_path!r}: config.json 'rapid' must be an object of RapidConfig fields")
+    return RapidConfig.from_dict(settings)

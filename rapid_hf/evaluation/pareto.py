@@ -38,22 +38,24 @@ def pareto_points(accuracy: Sequence[dict[str, Any]], bench: Sequence[dict[str, 
     return curves
 
 
-def plot_pareto(
-    accuracy: Sequence[dict[str, Any]], bench: Sequence[dict[str, Any]], path: str | Path, title: str = ""
-) -> Path:
-    """Save a two-panel PNG: top-1 vs throughput (left) and vs GFLOPs per image (right)."""
-    import matplotlib
+def pareto_figure(accuracy: Sequence[dict[str, Any]], bench: Sequence[dict[str, Any]], title: str = ""):
+    """Two panels: top-1 vs throughput (left) and vs GFLOPs per image (right), one curve per row label in its
+    method's `rapid_hf.visualization.METHOD_COLOURS` colour (named variants dashed)."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from rapid_hf.visualization import method_colour
 
     curves = pareto_points(accuracy, bench)
     if not curves:
         raise ValueError("no row appears in both the accuracy and the benchmark records: nothing to plot")
-    figure, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
+    methods = {record["label"]: record["method"] for record in accuracy}
+    figure = Figure(figsize=(12, 4.8), layout="constrained")
+    axes = figure.subplots(1, 2, sharey=True)
     for label, points in sorted(curves.items()):
+        style = "-" if label == methods[label] else "--"
         for axis, key in zip(axes, ("throughput", "gflops"), strict=True):
-            axis.plot([p[key] for p in points], [p["top1"] for p in points], marker="o", label=label)
+            axis.plot([p[key] for p in points], [p["top1"] for p in points], marker="o", label=label,
+                      color=method_colour(methods[label]), linestyle=style)
             for p in points:
                 axis.annotate(p["setting"], (p[key], p["top1"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     axes[0].set_xlabel("throughput (images/s, this run)")
@@ -64,9 +66,15 @@ def plot_pareto(
         axis.legend()
     if title:
         figure.suptitle(title)
-    figure.tight_layout()
+    return figure
+
+
+def plot_pareto(
+    accuracy: Sequence[dict[str, Any]], bench: Sequence[dict[str, Any]], path: str | Path, title: str = ""
+) -> Path:
+    """Save `pareto_figure` as a PNG at `path`."""
+    figure = pareto_figure(accuracy, bench, title)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
-    plt.close(figure)
     return path

@@ -3,27 +3,49 @@
 A grid (methods x r values, or methods x output-token targets) gives the ordinary rows; named variants
 (`NAME=SETTINGS`) add rows such as a calibrated RAPID beside the default one, at every grid point unless their
 settings fix `r` or `output_tokens` themselves.
+
+A model saved with its own settings (config.json `rapid`, e.g. a calibrated model) runs those settings in the
+rows of its method; each row says where its settings came from (`settings_source`) and which fields the command
+line changed (`overrides`), so a record never silently reports paper defaults for a calibrated model.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from rapid_hf.reduction.config import METHODS, RapidConfig
 
 REFERENCE = RapidConfig(method="none")
+SETTINGS_SOURCES = ("defaults", "model", "variant")
 
 
 @dataclass(frozen=True)
 class Variant:
-    """One table row: `label` (method name or variant name) and the reduction it runs."""
+    """One table row: `label` (method name or variant name) and the reduction it runs.
+
+    settings_source: "model" (the model's own saved settings), "defaults" (RapidConfig's paper defaults) or
+        "variant" (a named --variant's settings).
+    overrides: with "model", the fields whose value differs from the model's saved settings (command-line r,
+        --rapid-config fields, ...), as `{field: value run}`.
+    """
 
     label: str
     rapid: RapidConfig
+    settings_source: str = "defaults"
+    overrides: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        if self.settings_source not in SETTINGS_SOURCES:
+            raise ValueError(f"settings_source {self.settings_source!r} is invalid: choose from {SETTINGS_SOURCES}")
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        """The record fields saying where the row's settings came from."""
+        return {"settings_source": self.settings_source, "overrides": dict(self.overrides)}
 
     @property
     def setting(self) -> tuple[str, int | None]:
@@ -70,18 +92,39 @@ def parse_named_variant(text: str) -> tuple[str, dict[str, Any]]:
     return name, parse_settings(settings)
 
 
+def saved_amount(saved: RapidConfig) -> dict[str, Any] | None:
+    """The reduction amount a model was saved with (`{"r": ...}` or `{"output_tokens": ...}`), None if it has none."""
+    if saved.output_tokens is not None:
+        return {"output_tokens": saved.output_tokens}
+    data = saved.to_dict()
+    return None if saved.method == "none" or data["r"] in (0, [0]) else {"r": data["r"]}
+
+
+def _from_saved(saved: RapidConfig, changes: Mapping[str, Any]) -> tuple[RapidConfig, dict[str, Any]]:
+    """`saved` with `changes` applied (an amount replaces the saved amount) and the fields that now differ."""
+    base = saved.to_dict()
+    if "r" in changes or "output_tokens" in changes:
+        base.update(r=0, output_tokens=None)
+    rapid = RapidConfig.from_dict({**base, **changes})
+    saved_fields, run = saved.to_dict(), rapid.to_dict()
+    return rapid, {key: run[key] for key in run if run[key] != saved_fields[key]}
+
+
 def grid_variants(
     methods: Sequence[str],
     r_values: Sequence[int] = (),
     output_tokens: Sequence[int] = (),
     rapid_settings: Mapping[str, Any] | None = None,
     named: Sequence[tuple[str, Mapping[str, Any]]] = (),
+    saved: RapidConfig | None = None,
 ) -> list[Variant]:
     """Rows for every method at every r (or output-token target), then the named variants.
 
     `none` appears once (it has no reduction amount). `rapid_settings` changes what the `rapid` rows run
     (e.g. a calibrated switch layer); named variants default to method "rapid" and run at every grid point
-    unless their settings give `r` or `output_tokens`.
+    unless their settings give `r` or `output_tokens`. `saved` is the model's own settings (None for a plain
+    checkpoint): the rows of its method start from them, and without r values or targets the grid runs at its
+    saved amount.
     """
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -91,9 +134,13 @@ def grid_variants(
     if r_values and output_tokens:
         raise ValueError("give r values or output-token targets, not both")
     reductions = [{"r": r} for r in r_values] + [{"output_tokens": n} for n in output_tokens]
+    from_model = not reductions and saved is not None and saved_amount(saved) is not None
+    if from_model:
+        reductions = [saved_amount(saved)]
     unfixed = [label for label, settings in named if "r" not in settings and "output_tokens" not in settings]
     if not reductions and (set(methods) - {"none"} or unfixed):
-        raise ValueError("reducing methods and variants without their own r need an r value or output-token target")
+        raise ValueError("reducing methods and variants without their own r need an r value or output-token target"
+                         + ("" if saved is None else " (the model's saved settings reduce nothing)"))
 
     variants = [Variant("none", REFERENCE)] if "none" in methods else []
     for amount in reductions:
@@ -101,12 +148,19 @@ def grid_variants(
             if method == "none":
                 continue
             extra = dict(rapid_settings or {}) if method == "rapid" else {}
-            variants.append(Variant(method, RapidConfig.from_dict({**extra, "method": method, **amount})))
+            if saved is not None and method == saved.method:
+                changes = {**extra, **({} if from_model else amount)}
+                rapid, overrides = _from_saved(saved, changes)
+                variants.append(Variant(method, rapid, "model", overrides))
+            else:
+                variants.append(Variant(method, RapidConfig.from_dict({**extra, "method": method, **amount})))
     for label, settings in named:
         if label in METHODS:
             raise ValueError(f"variant name {label!r} is a method name; pick another (e.g. '{label}-custom')")
         for amount in reductions if label in unfixed else [{}]:
-            variants.append(Variant(label, RapidConfig.from_dict({"method": "rapid", **settings, **amount})))
+            variants.append(
+                Variant(label, RapidConfig.from_dict({"method": "rapid", **settings, **amount}), "variant")
+            )
     seen: set[tuple[str, tuple]] = set()
     for variant in variants:
         key = (variant.label, variant.setting)
@@ -114,3 +168,14 @@ def grid_variants(
             raise ValueError(f"row {variant.label!r} at r={variant.requested_r} appears twice")
         seen.add(key)
     return variants
+
+
+def annotate_records(records: Sequence[dict[str, Any]], variants: Sequence[Variant]) -> list[dict[str, Any]]:
+    """Records with each row's `settings_source` and `overrides` added (matched by label and settings)."""
+    by_row = {(v.label, json.dumps(v.rapid.to_dict(), sort_keys=True)): v for v in variants}
+    annotated = []
+    for record in records:
+        variant = by_row.get((record.get("label"), json.dumps(record.get("rapid"), sort_keys=True)))
+        provenance = variant.provenance if variant is not None else Variant("none", REFERENCE).provenance
+        annotated.append({**record, **provenance})
+    return annotated

@@ -2,7 +2,9 @@
 
 The metadata (license, library, pipeline tag, base model, datasets, tags, `model-index`) comes from
 `ModelCardData`; the body from `modelcard_template.md`. Every number on the card is copied from a measured
-record (`rapid_hf.hub.results`); a quantity nobody measured is left out, never estimated.
+record (`rapid_hf.hub.results`); a quantity nobody measured is left out, never estimated. The card names the data
+that was measured: a Hub dataset by its id, a local imagefolder as such (never as a Hub dataset it may sample),
+and it holds no local path (the commands that made the records stay in `eval_results.json`).
 """
 
 from __future__ import annotations
@@ -16,13 +18,16 @@ from typing import Any
 
 import transformers
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 
 import rapid_hf
 from rapid_hf.hub.results import MeasuredResults, setting_text
 from rapid_hf.reduction.config import RapidConfig
 
 TEMPLATE_PATH = Path(__file__).with_name("modelcard_template.md")
-DEFAULT_DATASET_ID = "ILSVRC/imagenet-1k"
+LOCAL_DATASET_TYPE = "imagefolder"
+LOCAL_DATASET_NAME = "local imagefolder"
 
 METHOD_TEXT: dict[str, tuple[str, str]] = {
     "rapid": ("RAPID", "redundancy-aware pruning in the shallow layers, then merging of unimportant tokens (guided by "
@@ -30,6 +35,8 @@ METHOD_TEXT: dict[str, tuple[str, str]] = {
     "tome": ("ToMe", "bipartite merging of the most similar tokens in every layer (size-weighted average)."),
     "tofu": ("ToFu", "pruning of the most similar tokens in the first half of the layers, then norm-preserving "
                      "(MLERP) merging."),
+    "crucial": ("crucial-token merging", "the least important tokens (by the attention of the CLS token) are merged "
+                                         "into the most important, crucial, ones."),
     "none": ("no reduction", "the unreduced model, packaged with the same code."),
 }
 
@@ -55,15 +62,48 @@ BENCHMARK_CONTEXT_KEYS = ("device", "batch_size", "precision", "num_threads", "t
 
 @dataclass(frozen=True)
 class CardInfo:
-    """What a card says besides the numbers: where it lives and what it was built from."""
+    """What a card says besides the numbers: where it lives and what it was built from.
+
+    dataset_id / dataset_name: how the card names the evaluation data; None derives them from the evaluation
+    record (`evaluation_dataset`). settings_source: "model" when `rapid` are the model's own saved settings
+    (with `overrides` the fields the command line changed), "defaults" when they are the paper defaults.
+    """
 
     repo_id: str
     base_model: str | None
     rapid: RapidConfig
     license: str = "apache-2.0"
-    dataset_id: str = DEFAULT_DATASET_ID
-    dataset_name: str = "ImageNet-1k"
+    dataset_id: str | None = None
+    dataset_name: str | None = None
     model_note: str | None = None
+    settings_source: str = "defaults"
+    overrides: Mapping[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.rapid.method not in METHOD_TEXT:
+            raise ValueError(f"no card text for method {self.rapid.method!r}: choose from {', '.join(METHOD_TEXT)}")
+        if self.settings_source not in ("model", "defaults"):
+            raise ValueError(f"settings_source {self.settings_source!r} is invalid: 'model' or 'defaults'")
+
+
+def is_local_dataset(record: Mapping[str, Any]) -> bool:
+    """Whether an evaluation record measured a local imagefolder (`data_source`, or a dataset no Hub id names)."""
+    if record.get("data_source") is not None:
+        return record["data_source"] == LOCAL_DATASET_TYPE
+    dataset = str(record.get("dataset", ""))
+    try:
+        validate_repo_id(dataset)
+    except HFValidationError:
+        return True
+    return Path(dataset).exists()
+
+
+def evaluation_dataset(info: CardInfo, record: Mapping[str, Any] | None) -> tuple[str | None, str]:
+    """(Hub dataset id or None, display name) of the data a card's accuracy was measured on."""
+    if record is None or is_local_dataset(record):
+        return info.dataset_id, info.dataset_name or info.dataset_id or LOCAL_DATASET_NAME
+    dataset_id = info.dataset_id or str(record["dataset"])
+    return dataset_id, info.dataset_name or dataset_id
 
 
 def _number(value: Any) -> float | int:
@@ -89,15 +129,16 @@ def _format(value: Any) -> str:
 def eval_results(info: CardInfo, results: MeasuredResults) -> list[EvalResult]:
     """`model-index` entries: one per measured metric of this model (none when nothing was measured)."""
     entries = []
+    dataset_id, dataset_name = evaluation_dataset(info, results.evaluation)
     datasets = (
-        (results.evaluation, EVALUATION_METRICS, info.dataset_id, info.dataset_name),
+        (results.evaluation, EVALUATION_METRICS, dataset_id or LOCAL_DATASET_TYPE, dataset_name),
         (results.benchmark, BENCHMARK_METRICS, "synthetic", "synthetic input batch (rapid_hf benchmark)"),
     )
     for record, metrics, dataset_type, dataset_name in datasets:
         if record is None:
             continue
-        # A split name only means something for the Hub dataset itself (a local imagefolder's is always "train").
-        split = record.get("split") if record.get("dataset") == dataset_type else None
+        # A split name only means something for a Hub dataset (a local imagefolder's is always "train").
+        split = record.get("split") if dataset_type not in ("synthetic", LOCAL_DATASET_TYPE) else None
         for key, metric_type, metric_name in metrics:
             if not _measured(record, key):
                 continue
@@ -147,14 +188,19 @@ def _provenance(results: MeasuredResults, info: CardInfo) -> list[str]:
     lines = []
     if info.model_note:
         lines.append(info.model_note)
-    for source in results.sources:
-        line = f"`{source.path.name}`"
-        if source.command:
-            line += f", produced by `{source.command}`"
-        lines.append(line)
+    if info.settings_source == "model":
+        changed = f", with {', '.join(f'{k}={v!r}' for k, v in info.overrides.items())} set on the command line" \
+            if info.overrides else ""
+        lines.append(f"Reduction settings: the model's own saved settings (config.json `rapid`){changed}.")
+    if results.sources:
+        names = ", ".join(f"`{source.path.name}`" for source in results.sources)
+        lines.append(f"Records: {names} (copied into `eval_results.json` with the commands that produced them).")
     if results.evaluation is not None:
-        context = _context(results.evaluation, EVALUATION_CONTEXT_KEYS)
-        lines.append(f"Accuracy: {results.evaluation['n_samples']} labelled images of {info.dataset_name}"
+        shown = {**results.evaluation, "dataset": evaluation_dataset(info, results.evaluation)[1]}
+        if is_local_dataset(results.evaluation):
+            shown.pop("split", None)  # an imagefolder's split is always "train": it says nothing
+        context = _context(shown, EVALUATION_CONTEXT_KEYS)
+        lines.append(f"Accuracy: {results.evaluation['n_samples']} labelled images"
                      + (f" ({context})" if context else "")
                      + ", by the rapid_hf evaluation harness (`rapid_hf.evaluation.accuracy`). Top-1 agreement "
                      "and KL compare with the unreduced model on the same images.")
@@ -173,12 +219,13 @@ def build_model_card(info: CardInfo, results: MeasuredResults, template_path: Pa
     method_title, method_summary = METHOD_TEXT[info.rapid.method]
     model_name = info.repo_id.split("/")[-1]
     entries = eval_results(info, results)
+    dataset_id = evaluation_dataset(info, results.evaluation)[0]
     card_data = ModelCardData(
         license=info.license,
         library_name="transformers",
         pipeline_tag="image-classification",
         base_model=info.base_model,
-        datasets=[info.dataset_id],
+        datasets=[dataset_id] if dataset_id else None,
         tags=["vision", "image-classification", "token-reduction", "rapid_hf", info.rapid.method, "custom_code"],
         model_name=model_name if entries else None,
         eval_results=entries or None,
@@ -214,4 +261,13 @@ def card_metrics(card: ModelCard) -> dict[str, Any]:
     return metrics
 
 
-__all__ = ["DEFAULT_DATASET_ID", "TEMPLATE_PATH", "CardInfo", "build_model_card", "card_metrics", "eval_results"]
+__all__ = [
+    "LOCAL_DATASET_NAME",
+    "TEMPLATE_PATH",
+    "CardInfo",
+    "build_model_card",
+    "card_metrics",
+    "eval_results",
+    "evaluation_dataset",
+    "is_local_dataset",
+]

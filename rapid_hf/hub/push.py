@@ -63,8 +63,11 @@ def _prepare_folder(folder: Path, card_only: bool) -> None:
     folder.mkdir(parents=True, exist_ok=True)
 
 
-def _results_json(results: MeasuredResults) -> dict[str, Any]:
+def _results_json(results: MeasuredResults, info: CardInfo) -> dict[str, Any]:
     return {
+        "rapid": info.rapid.to_dict(),
+        "settings_source": info.settings_source,
+        "overrides": dict(info.overrides or {}),
         "evaluation": results.evaluation,
         "benchmark": results.benchmark,
         "reference": results.reference,
@@ -103,7 +106,8 @@ def build_repo_folder(
             raise ValueError(f"model {str(model_id)!r} has no usable image processor config "
                              f"(preprocessor_config.json), which pipeline() needs: {error}") from error
         write_remote_code(folder)
-    (folder / "eval_results.json").write_text(json.dumps(_results_json(results), indent=2) + "\n", encoding="utf-8")
+    results_text = json.dumps(_results_json(results, info), indent=2) + "\n"
+    (folder / "eval_results.json").write_text(results_text, encoding="utf-8")
     card.save(folder / "README.md")
     return sorted(p.name for p in folder.iterdir())
 

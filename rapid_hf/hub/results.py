@@ -1,7 +1,7 @@
 """Measured results for a model card: read the harness's results files and pick the records of one model.
 
-`scripts/evaluate.py` writes evaluation records (`top1`, `top5`, `agreement`, `kl`, `n_samples`,
-`output_tokens`, ...) and `scripts/benchmark.py` benchmark records (`throughput`, `speedup`, `gflops`,
+`rapid-hf evaluate` writes evaluation records (`top1`, `top5`, `agreement`, `kl`, `n_samples`,
+`output_tokens`, ...) and `rapid-hf benchmark` benchmark records (`throughput`, `speedup`, `gflops`,
 `flop_ratio`, ...); both carry `method`, `r` and `model`. A file is a JSON list of records, or an object with a
 `records` list (and optionally the `command` that produced it; else the command is read from the Markdown table
 the harness writes next to the JSON). Every number a card shows comes from here.
@@ -52,8 +52,8 @@ def read_results_file(path: str | Path) -> ResultsFile:
     """Read one results file, refusing anything that is not a list of records with `method`, `r` and `model`."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"results file {path} does not exist (write it with scripts/evaluate.py or "
-                                "scripts/benchmark.py, or leave --results out)")
+        raise FileNotFoundError(f"results file {path} does not exist (write it with `rapid-hf evaluate` or "
+                                "`rapid-hf benchmark`, or leave --results out)")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:

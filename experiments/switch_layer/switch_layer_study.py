@@ -1,7 +1,7 @@
 """Where should RAPID switch from pruning to merging? Token statistics per layer vs the best K on calibration images.
 
-    python scripts/switch_layer_study.py --model ../shared/assets/deit-tiny-imagenet \
-        --data-dir ../shared/assets/imagenet-sample-dev --r 4,8,12,16,17 --output results/calibration_switch_layer.json
+    python experiments/switch_layer/switch_layer_study.py --model ../shared/assets/deit-tiny-imagenet \
+        --data-dir ../shared/assets/imagenet-sample-dev --r 4,8,12,16,17
 
 On the calibration rows only: the per-layer statistics behind `switch_layer="auto"` (share of patch tokens with
 a near-duplicate at tau, CLS-attention entropy), the K the rule picks (for all images together and image by
@@ -24,6 +24,7 @@ from rapid_hf.calibration import (
     layer_statistics,
     load_calibration_images,
 )
+from rapid_hf.cli.common import int_list
 from rapid_hf.reduction.config import RapidConfig
 
 
@@ -31,15 +32,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True)
     parser.add_argument("--data-dir", required=True)
-    parser.add_argument("--r", default="4,8,12,16,17", help="comma-separated r values")
+    parser.add_argument("--r", type=int_list, default="4,8,12,16,17", help="comma-separated r values")
     parser.add_argument("--num-images", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=50)
-    parser.add_argument("--output", default="results/calibration_switch_layer.json")
+    parser.add_argument("--output", default=str(Path(__file__).resolve().with_name("calibration_switch_layer.json")))
     args = parser.parse_args(argv)
-    try:
-        args.r_values = [int(v) for v in args.r.split(",") if v.strip()]
-    except ValueError:
-        parser.error(f"--r must be comma-separated integers, got {args.r!r}")
+    args.r_values = args.r
     return args
 
 

@@ -4,7 +4,7 @@ The shipped token-group pictures are made from it, because the ImageNet dev phot
 It has flat regions (sky), smooth gradients (hills) and detailed ones (house, tree), which is what token
 reduction reacts to.
 
-    python scripts/make_synthetic_scene.py --output results/synthetic_scene.png
+    python experiments/synthetic_scene/make_synthetic_scene.py --output experiments/synthetic_scene/synthetic_scene.png
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Does calibrated RAPID beat ToMe? Calibrate per reduction amount, then measure every method on held-apart images.
 
-    python scripts/compare_calibrated.py --model ../shared/assets/deit-tiny-imagenet \
-        --data-dir ../shared/assets/imagenet-sample-dev --r 4,8,12,16,17 --output results/beat_tome_deit_tiny.json
+    python experiments/calibrated_vs_tome/compare_calibrated.py --model ../shared/assets/deit-tiny-imagenet \
+        --data-dir ../shared/assets/imagenet-sample-dev --r 4,8,12,16,17
+    python experiments/calibrated_vs_tome/compare_calibrated.py --replot   # redraw the picture from the records
 
 For each r (and each matching output-token target whose solved schedule differs from the constant r) RAPID is
 calibrated on the calibration rows (index % 5 == 0, first --num-images), then none / ToMe / ToFu /
@@ -25,6 +26,7 @@ from rapid_hf.evaluation.variants import Variant
 from rapid_hf.reduction.config import RapidConfig
 from rapid_hf.reduction.schedule import schedule_for_output_tokens, token_counts
 
+HERE = Path(__file__).resolve().parent  # results are written beside this script
 METHOD_COLUMNS = ("tome", "tofu", "rapid", "rapid-auto", "rapid-calibrated", "crucial")
 # Crucial merging's crucial fraction, from an exploratory sweep of 0.05..1.0 on the calibration rows (r = 4, 8, 16).
 CRUCIAL_RATIO = 0.6
@@ -59,17 +61,21 @@ def label_of(amount: dict[str, int]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="Hub id or local folder of a ViT/DeiT image classifier")
-    parser.add_argument("--data-dir", required=True, help="imagefolder directory (images + metadata.csv)")
+    parser.add_argument("--model", help="Hub id or local folder of a ViT/DeiT image classifier")
+    parser.add_argument("--data-dir", help="imagefolder directory (images + metadata.csv)")
     parser.add_argument("--r", type=int_list, default=[4, 8, 12, 16, 17], help="tokens removed per layer")
     parser.add_argument("--num-images", type=int, default=100, help="calibration images (first N calibration rows)")
     parser.add_argument("--max-report-images", type=int, help="only the first N report rows (smoke runs)")
     parser.add_argument("--batch-size", type=int, default=50)
-    parser.add_argument("--output", default="results/beat_tome_deit_tiny.json")
-    parser.add_argument("--calibration-log", default="results/calibration_deit_tiny.json")
+    parser.add_argument("--output", default=str(HERE / "beat_tome_deit_tiny.json"))
+    parser.add_argument("--calibration-log", default=str(HERE / "calibration_deit_tiny.json"))
+    parser.add_argument("--replot", action="store_true", help="only redraw the picture from --output's records")
     parser.add_argument("--reuse-calibration", action="store_true",
                         help="take the calibrated configs from --calibration-log instead of searching again")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not args.replot and (args.model is None or args.data_dir is None):
+        parser.error("--model and --data-dir are required (except with --replot)")
+    return args
 
 
 def calibrate_all(model: Any, pixel_values: Any, settings: list[dict], args: argparse.Namespace) -> dict[str, Any]:
@@ -160,7 +166,7 @@ def markdown(records: list[dict], settings: list[dict], logs: dict[str, Any], re
         f"{meta['num_images']} calibration rows (index % 5 == 0), never reported. Unreduced top-1 "
         f"{100 * none['top1']:.2f}%. rapid = paper defaults (K=4, tau 0.7, rho 0.2, lambda 50); rapid-auto = "
         f"defaults with `switch_layer=\"auto\"` (resolved to K={meta['auto_switch_layer']}); rapid-calibrated = "
-        "`scripts/calibrate.py` search per row; crucial = crucial-token merging (crucial fraction "
+        "`rapid-hf calibrate` search per row; crucial = crucial-token merging (crucial fraction "
         f"{CRUCIAL_RATIO}).",
         "",
     ]
@@ -211,7 +217,10 @@ def markdown(records: list[dict], settings: list[dict], logs: dict[str, Any], re
 
 
 def plot(records: list[dict], settings: list[dict], path: Path) -> None:
+    """Top-1, agreement and KL against r, one line per row label in its method's colour (the package's map)."""
     import matplotlib
+
+    from rapid_hf.visualization import method_colour
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -225,15 +234,27 @@ def plot(records: list[dict], settings: list[dict], path: Path) -> None:
         for method in METHOD_COLUMNS:
             values = [by[(method, label_of(a))][metric] for a in r_settings]
             values = values if metric == "kl" else [100 * v for v in values]
-            axis.plot(xs, values, marker="o", label=method, linewidth=2.2 if method == "rapid-calibrated" else 1.2)
+            base_method, _, variant = method.partition("-")  # rapid-auto / rapid-calibrated: RAPID's colour, dashed
+            axis.plot(xs, values, marker="o", label=method, color=method_colour(base_method),
+                      linestyle={"": "-", "auto": ":", "calibrated": "--"}[variant],
+                      linewidth=2.2 if method == "rapid-calibrated" else 1.2)
         if metric == "kl":
             axis.set_yscale("log")
         axis.set(xlabel="r (tokens removed per layer)", title=title, xticks=xs)
         axis.grid(alpha=0.3)
-    axes[0].axhline(100 * by[("none", "-")]["top1"], color="gray", linestyle="--", label="none (unreduced)")
+    axes[0].axhline(100 * by[("none", "-")]["top1"], color=method_colour("none"), linestyle="--",
+                    label="none (unreduced)")
     axes[0].legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
+
+
+def replot(output: Path) -> None:
+    """Redraw the picture from the records saved in `output` (no model run)."""
+    records = json.loads(output.read_text())["records"]
+    settings = [{"r": int(label[2:])} for label in dict.fromkeys(rec["setting"] for rec in records)
+                if label.startswith("r=")]
+    plot(records, settings, output.with_suffix(".png"))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -246,6 +267,9 @@ def main(argv: list[str] | None = None) -> None:
     from rapid_hf.evaluation.report import setting
 
     args = parse_args(argv)
+    if args.replot:
+        replot(Path(args.output))
+        return
     load_metric("top_k_accuracy")  # fail now, not after the long runs, if the harness cannot score
     model = load_rapid_model(args.model)
     processor = AutoImageProcessor.from_pretrained(args.model)

@@ -1,6 +1,6 @@
 """Robustness numbers: reduced-precision agreement with float32, the cost of the input check, torch.compile.
 
-    python scripts/check_dtypes.py --num-images 400 --inductor --output results/robustness_dtypes.json
+    python experiments/dtypes/check_dtypes.py --num-images 400 --inductor
 
 For every method and r, runs the real DeiT-Tiny in float32 and in each `--dtypes` entry (bfloat16 and float16,
 on `--device`) on the first `--num-images` report-split dev photos and records the top-1 agreement with
@@ -26,11 +26,12 @@ from torch.utils import benchmark
 from transformers import AutoImageProcessor
 
 from rapid_hf import RapidConfig, RapidViTConfig, RapidViTForImageClassification
+from rapid_hf.cli.common import comma_list, int_list
 from rapid_hf.evaluation.fidelity import kl_divergence, top1_agreement
 from rapid_hf.evaluation.splits import report_indices
 from rapid_hf.reduction.config import METHODS
 
-ASSETS = Path(os.environ.get("RAPID_HF_ASSETS", Path(__file__).resolve().parents[2] / "shared" / "assets"))
+ASSETS = Path(os.environ.get("RAPID_HF_ASSETS", Path(__file__).resolve().parents[3] / "shared" / "assets"))
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -39,16 +40,19 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--model", type=Path, default=ASSETS / "deit-tiny-imagenet")
     parser.add_argument("--images", type=Path, default=ASSETS / "imagenet-sample-dev", help="imagefolder dir")
     parser.add_argument("--num-images", type=int, default=8, help="first N rows of the report split")
-    parser.add_argument("--r", type=int, nargs="+", default=[8, 16])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--dtypes", nargs="+", default=sorted(DTYPES), choices=sorted(DTYPES))
+    parser.add_argument("--r", type=int_list, default="8,16", help="comma-separated r values")
+    parser.add_argument("--methods", type=comma_list(str, "method names"), default=",".join(METHODS))
+    parser.add_argument("--dtypes", type=comma_list(str, "dtype names"), default=",".join(sorted(DTYPES)))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--inductor", action="store_true", help="also time an inductor compile (slow on CPU)")
-    parser.add_argument("--output", type=Path, default=Path("results/robustness_dtypes.json"))
+    parser.add_argument("--output", type=Path, default=Path(__file__).resolve().with_name("robustness_dtypes.json"))
     args = parser.parse_args()
     if args.num_images < 1 or args.batch_size < 1:
         parser.error("--num-images and --batch-size must be >= 1")
+    for flag, values, allowed in (("--methods", args.methods, METHODS), ("--dtypes", args.dtypes, DTYPES)):
+        if set(values) - set(allowed):
+            parser.error(f"{flag} {sorted(set(values) - set(allowed))} unknown: choose from {', '.join(allowed)}")
     return args
 
 

@@ -1,0 +1,90 @@
+"""Top-1/top-5 accuracy and fidelity to the unreduced model of token-reduction methods on labelled images.
+
+    rapid-hf evaluate --model facebook/deit-small-patch16-224 --dataset imagenet-1k --split validation \\
+        --methods none,tome,tofu,rapid --r 8,13,16 --output eval.json
+    rapid-hf evaluate --model ./calibrated --data-dir ./photos --subset report --methods none,rapid
+
+Runs unchanged under `accelerate launch --num_processes N -m rapid_hf.cli evaluate ...` (same numbers as one
+process). Writes a JSON list of records (fields: `rapid_hf.evaluation.accuracy`, plus `settings_source` and
+`overrides`) and a Markdown table next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from rapid_hf.cli import common
+
+NAME = "evaluate"
+HELP = "accuracy, agreement and KL vs the unreduced model on labelled images"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    common.add_model_argument(parser)
+    common.add_data_arguments(parser)
+    common.add_variant_arguments(parser)
+    common.add_precision_arguments(parser)
+    common.add_device_arguments(parser)
+    parser.add_argument("--output", default="eval.json", help="JSON path; the Markdown table goes next to it")
+
+
+def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    common.check_data_dir(args, parser)
+    common.check_device(args, parser)
+    common.resolve_rows(args, parser)
+
+
+def evaluate(args: argparse.Namespace, accelerator: Any = None) -> list[dict[str, Any]] | None:
+    """Accuracy records of `args.variant_rows` (None on non-main processes of a distributed run)."""
+    from accelerate import Accelerator
+    from transformers import AutoImageProcessor
+
+    from rapid_hf.evaluation.accuracy import predict, summarize
+    from rapid_hf.evaluation.data import DataSpec, load_rows, make_dataloader
+    from rapid_hf.evaluation.loading import load_rapid_model
+    from rapid_hf.evaluation.report import run_info
+    from rapid_hf.evaluation.variants import annotate_records
+
+    common.set_threads(args)
+    owns_accelerator = accelerator is None
+    accelerator = accelerator or Accelerator(cpu=args.device == "cpu")
+    spec = DataSpec(
+        dataset=args.dataset,
+        data_dir=args.data_dir,
+        split=args.split,
+        subset=args.subset,
+        max_samples=args.max_samples,
+        streaming=args.streaming,
+        image_column=args.image_column,
+        label_column=args.label_column,
+    )
+    model = load_rapid_model(args.model, accelerator.device)
+    processor = AutoImageProcessor.from_pretrained(args.model)
+    rows = load_rows(spec)
+    loader = make_dataloader(rows, processor, args.batch_size, args.num_workers, args.image_column, args.label_column)
+    predictions = predict(model, loader, args.variant_rows, accelerator, args.precision)
+    accelerator.wait_for_everyone()
+    if owns_accelerator:  # tear the process group down before exit, or a rank can abort while shutting down
+        accelerator.end_training()
+    if not accelerator.is_main_process:
+        return None
+    records = summarize(
+        predictions,
+        args.variant_rows,
+        model=args.model,
+        dataset=spec.name,
+        data_source=common.data_source(args),
+        split=spec.resolved_split,
+        subset=spec.subset,
+        precision=args.precision,
+    )
+    return [{**record, **run_info()} for record in annotate_records(records, args.variant_rows)]
+
+
+def run(args: argparse.Namespace) -> None:
+    from rapid_hf.evaluation.report import ACCURACY_COLUMNS
+
+    records = evaluate(args)
+    if records is not None:
+        print(common.write_outputs(records, args.output, ACCURACY_COLUMNS, common.command_line(NAME, args.argv)))
