@@ -157,7 +157,7 @@ def main() -> None:
         "",
         "| what | value |",
         "|---|---|",
-        *(f"| hook calls per forward, {kind} (per layer) | {counts} |" for kind, counts in record["hook_counts"].items()),
+        *(f"| hook calls per forward, {kind} (per layer) | {calls} |" for kind, calls in record["hook_counts"].items()),
         f"| saved activations, stock, no checkpointing | {memory['stock']:.1f} MiB |",
         f"| saved activations, stock, checkpointing | {memory['stock_checkpointed']:.1f} MiB |",
         f"| saved activations, Rapid r=16, no checkpointing | {memory['rapid']:.1f} MiB |",

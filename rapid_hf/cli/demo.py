@@ -71,9 +71,8 @@ def run(args: argparse.Namespace) -> None:
 
     print(f"{args.model} on {args.image}, device={args.device}")
     for variant in args.variant_rows:
-        model.set_rapid(variant.rapid)
         with torch.inference_mode():
-            output = model(pixel_values=pixel_values)
+            output = model(pixel_values=pixel_values, rapid=variant.rapid)
         top = output.logits.softmax(-1)[0].topk(3)
         labels = ", ".join(
             f"{model.config.id2label[index].split(',')[0]} {probability:.2f}"
@@ -85,13 +84,16 @@ def run(args: argparse.Namespace) -> None:
     times: dict[str, list[float]] = {variant.label: [] for variant in args.variant_rows}
     with torch.inference_mode():
         for variant in args.variant_rows:  # warm-up
-            model.set_rapid(variant.rapid)
-            model(pixel_values=batch)
+            model(pixel_values=batch, rapid=variant.rapid)
         for _ in range(args.repeats):  # interleaved, so every method sees the same machine load
             for variant in args.variant_rows:
-                model.set_rapid(variant.rapid)
                 times[variant.label].append(
-                    time_forward(lambda: model(pixel_values=batch), 1, TIMERS["wall"], torch.device(args.device))
+                    time_forward(
+                        lambda rapid=variant.rapid: model(pixel_values=batch, rapid=rapid),
+                        1,
+                        TIMERS["wall"],
+                        torch.device(args.device),
+                    )
                 )
     baseline = min(times["none"])
     print("  speed-up over none (same run, batch "

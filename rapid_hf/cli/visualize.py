@@ -104,9 +104,10 @@ def draw(args: argparse.Namespace):
 
     traces: dict[str, ImageTrace] = {}
     for variant in args.variant_rows:
-        model.set_rapid(variant.rapid)
         with torch.no_grad():
-            output = model(pixel_values=pixel_values, interpolate_pos_encoding=resized, output_sources=True)
+            output = model(
+                pixel_values=pixel_values, interpolate_pos_encoding=resized, output_sources=True, rapid=variant.rapid
+            )
         amount = setting({"method": variant.rapid.method, "r": variant.requested_r, "rapid": variant.rapid.to_dict()})
         label = variant.label if variant.rapid.method == "none" else f"{variant.label} {amount}"
         traces[variant.label] = ImageTrace.from_output(output, grid, label)
