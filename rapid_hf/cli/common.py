@@ -243,3 +243,19 @@ def set_threads(args: argparse.Namespace) -> None:
 
     if getattr(args, "threads", None) is not None:
         torch.set_num_threads(args.threads)
+
+
+def single_r_rows(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """`args.variant_rows` for commands with one `--r`: the given r, else the model's saved amount, else 16."""
+    from rapid_hf.evaluation.loading import saved_settings
+    from rapid_hf.evaluation.variants import grid_variants, saved_amount
+
+    try:
+        saved = saved_settings(args.model)
+    except (OSError, ValueError) as error:
+        parser.error(f"--model {args.model!r} cannot be read: {error}")
+    default_r = [16] if saved is None or saved_amount(saved) is None else []
+    try:
+        args.variant_rows = grid_variants(args.methods, [args.r] if args.r is not None else default_r, saved=saved)
+    except ValueError as error:
+        parser.error(str(error))

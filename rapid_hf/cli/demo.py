@@ -37,21 +37,11 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     if not args.image.is_file():
         parser.error(f"--image {str(args.image)!r} is not a file")
     common.check_device(args, parser)
-    from rapid_hf.evaluation.loading import saved_settings
-    from rapid_hf.evaluation.variants import grid_variants, saved_amount
 
     if "none" not in args.methods:
         args.methods = ["none", *args.methods]  # the speed-up is measured against it
 
-    try:
-        saved = saved_settings(args.model)
-    except (OSError, ValueError) as error:
-        parser.error(f"--model {args.model!r} cannot be read: {error}")
-    default_r = [16] if saved is None or saved_amount(saved) is None else []
-    try:
-        args.variant_rows = grid_variants(args.methods, [args.r] if args.r is not None else default_r, saved=saved)
-    except ValueError as error:
-        parser.error(str(error))
+    common.single_r_rows(args, parser)
 
 
 def run(args: argparse.Namespace) -> None:

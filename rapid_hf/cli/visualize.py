@@ -37,8 +37,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    from rapid_hf.evaluation.loading import saved_settings
-    from rapid_hf.evaluation.variants import grid_variants, saved_amount
     from rapid_hf.reduction.config import METHODS
 
     args.methods = list(dict.fromkeys(args.methods))
@@ -47,15 +45,7 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         parser.error(f"unknown method(s) {unknown}: choose from {', '.join(METHODS)}")
     if not args.image.is_file():
         parser.error(f"--image {str(args.image)!r} is not a file")
-    try:
-        saved = saved_settings(args.model)
-    except (OSError, ValueError) as error:
-        parser.error(f"--model {args.model!r} cannot be read: {error}")
-    default_r = [16] if saved is None or saved_amount(saved) is None else []
-    try:
-        args.variant_rows = grid_variants(args.methods, [args.r] if args.r is not None else default_r, saved=saved)
-    except ValueError as error:
-        parser.error(str(error))
+    common.single_r_rows(args, parser)
 
 
 def preprocess(name_or_path: str, image_path: Path, size: int | None):

@@ -313,3 +313,24 @@ class RapidHeadMixin(RapidSettingsMixin):
     def num_input_tokens(self) -> int:
         """Tokens entering the encoder at the checkpoint's image size: patches plus protected tokens."""
         return self.rapid_backbone.patch_embedding.num_patches + self.num_protected_tokens
+
+    def encode(
+        self,
+        pixel_values: Tensor | None,
+        interpolate_pos_encoding: bool | None,
+        attention_mask: Tensor | None,
+        rapid: RapidConfig | Mapping[str, Any] | None,
+        output_sources: bool,
+        output_dense: bool,
+        **kwargs: Any,
+    ) -> RapidModelOutput:
+        """The reduced backbone's output, for a head's forward (`rapid`: settings for this call only)."""
+        return self.rapid_backbone(
+            pixel_values,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            attention_mask=attention_mask,
+            rapid=rapid,
+            output_sources=output_sources,
+            output_dense=output_dense,
+            **kwargs,
+        )

@@ -33,7 +33,6 @@ from rapid_hf.models.layers import ReducingAttentionMixin, ReducingLayerMixin, i
 from rapid_hf.models.outputs import (
     RapidDeiTWithTeacherOutput,
     RapidImageClassifierOutput,
-    RapidModelOutput,
     reduction_fields,
 )
 from rapid_hf.reduction.config import RapidConfig
@@ -111,14 +110,8 @@ class _RapidSingleHeadMixin(RapidHeadMixin):
         **kwargs: Any,
     ) -> RapidImageClassifierOutput:
         """The stock classifier forward (mirrors transformers 5.24); `rapid` runs other settings for this call only."""
-        outputs: RapidModelOutput = self.rapid_backbone(
-            pixel_values,
-            interpolate_pos_encoding=interpolate_pos_encoding,
-            attention_mask=attention_mask,
-            rapid=rapid,
-            output_sources=output_sources,
-            output_dense=output_dense,
-            **kwargs,
+        outputs = self.encode(
+            pixel_values, interpolate_pos_encoding, attention_mask, rapid, output_sources, output_dense, **kwargs
         )
         logits = self.classifier(outputs.last_hidden_state[:, 0, :])
         loss = None if labels is None else self.loss_function(labels, logits, self.config)
@@ -166,14 +159,8 @@ class RapidDeiTForImageClassificationWithTeacher(RapidHeadMixin, DeiTForImageCla
         **kwargs: Any,
     ) -> RapidDeiTWithTeacherOutput:
         """The stock forward (mirrors transformers 5.24: mean of the two heads' logits); `rapid` as above."""
-        outputs: RapidModelOutput = self.rapid_backbone(
-            pixel_values,
-            interpolate_pos_encoding=interpolate_pos_encoding,
-            attention_mask=attention_mask,
-            rapid=rapid,
-            output_sources=output_sources,
-            output_dense=output_dense,
-            **kwargs,
+        outputs = self.encode(
+            pixel_values, interpolate_pos_encoding, attention_mask, rapid, output_sources, output_dense, **kwargs
         )
         cls_logits = self.cls_classifier(outputs.last_hidden_state[:, 0, :])
         distillation_logits = self.distillation_classifier(outputs.last_hidden_state[:, 1, :])
