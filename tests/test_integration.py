@@ -11,6 +11,7 @@ import copy
 import json
 import logging
 
+import peft
 import pytest
 import torch
 from transformers import (
@@ -140,7 +141,6 @@ def test_gradient_checkpointing_saves_memory_and_keeps_gradients(method):
 
 
 def test_peft_lora_trains_with_reduction_and_round_trips(tmp_path):
-    peft = pytest.importorskip("peft")
     model = small_rapid()
     model.set_rapid(RapidConfig(method="rapid", r=8, switch_layer=2))
     lora = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_alpha=8))
