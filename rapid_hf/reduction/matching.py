@@ -2,7 +2,9 @@
 
 Tokens are split by index parity: even positions are *sources* (A), odd positions *destinations* (B). The CLS
 token (index 0) is source row 0 and is never chosen; a DeiT distillation token (index 1) is destination column 0
-and is never removed nor used as a destination.
+and is never removed nor used as a destination. In general the `k` protected tokens at the front (CLS, a
+distillation token, DINOv2's registers) are source rows `0 .. ceil(k/2) - 1` and destination columns
+`0 .. floor(k/2) - 1`, all blocked.
 """
 
 from __future__ import annotations
@@ -10,13 +12,21 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-SUPPORTED_PROTECTED = (1, 2)
-
 
 def check_num_protected(num_protected: int) -> None:
-    """Only CLS (1) or CLS + distillation token (2) layouts are supported."""
-    if num_protected not in SUPPORTED_PROTECTED:
-        raise ValueError(f"num_protected must be 1 (CLS) or 2 (CLS + distillation token), got {num_protected}")
+    """At least CLS is protected: 1 (CLS), 2 (CLS + distillation token), 1 + registers, ..."""
+    if isinstance(num_protected, bool) or not isinstance(num_protected, int) or num_protected < 1:
+        raise ValueError(f"num_protected must be an int >= 1 (CLS, then other protected tokens), got {num_protected}")
+
+
+def protected_source_rows(num_protected: int) -> int:
+    """How many source rows (even positions) the protected tokens occupy: `ceil(k / 2)`."""
+    return (num_protected + 1) // 2
+
+
+def protected_destination_columns(num_protected: int) -> int:
+    """How many destination columns (odd positions) the protected tokens occupy: `floor(k / 2)`."""
+    return num_protected // 2
 
 
 def removal_cap(num_tokens: int, num_protected: int) -> int:
@@ -40,9 +50,8 @@ def bipartite_similarity(metric: Tensor, num_protected: int) -> Tensor:
     check_num_protected(num_protected)
     sources, destinations = metric[:, 0::2], metric[:, 1::2]
     scores = sources @ destinations.transpose(-1, -2)
-    scores[:, 0, :] = -torch.inf
-    if num_protected == 2:
-        scores[:, :, 0] = -torch.inf
+    scores[:, : protected_source_rows(num_protected), :] = -torch.inf
+    scores[:, :, : protected_destination_columns(num_protected)] = -torch.inf
     return scores
 
 

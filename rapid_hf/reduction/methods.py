@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from rapid_hf.reduction.config import ImportanceMode
-from rapid_hf.reduction.matching import rank_descending
+from rapid_hf.reduction.matching import protected_source_rows, rank_descending
 from rapid_hf.reduction.plan import ReductionPlan, SelectionPlan, gather_tokens, plan_from_ranking
 
 
@@ -55,7 +55,9 @@ def redundancy_prune_plan(scores: Tensor, r: int, num_protected: int, threshold:
     near 1). They are broken by each source's highest similarity `max_j S_ij` (the most duplicated of them goes
     first, ToFu's pruning criterion), then by index, instead of by token position alone.
     """
-    order = rank_descending_by(redundancy_scores(scores, threshold), scores.max(dim=-1).values)
+    redundancy = redundancy_scores(scores, threshold)
+    redundancy[:, : protected_source_rows(num_protected)] = -torch.inf  # every protected source row, not only CLS
+    order = rank_descending_by(redundancy, scores.max(dim=-1).values)
     return plan_from_ranking(order, r, num_protected, None)
 
 
@@ -119,7 +121,8 @@ def importance_merge_plan(
     if importance_mode == "shift":
         return plan_from_ranking(rank_descending(adjusted), r, num_protected, best_destination)
     eligible = (~protected_sources(cls_attention, num_protected, importance_ratio)).to(adjusted.dtype)
-    eligible[:, 0] = -1.0  # CLS (score -inf) ranks after every patch source, protected or not
+    # CLS and other protected tokens (score -inf) rank after every patch source, important or not
+    eligible[:, : protected_source_rows(num_protected)] = -1.0
     order = rank_descending_by(eligible, adjusted)
     return plan_from_ranking(order, r, num_protected, best_destination)
 

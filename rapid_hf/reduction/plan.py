@@ -3,8 +3,9 @@
 A plan is computed once per layer from the similarity metric and then applied to every per-token tensor
 (hidden states, sizes, source maps), the way ToMe's `merge` closures are, but as an explicit immutable value.
 
-Token order after a step is `[kept sources (ascending), destinations]`, except that a distillation token
-(destination 0) is moved back to index 1, so CLS stays first and the distillation token second.
+Token order after a step is `[kept sources (ascending), destinations]`, except that protected tokens sitting in
+the destinations (a distillation token, every other register) are moved back to the front in their input order,
+so the `k` protected tokens stay the first `k` tokens.
 """
 
 from __future__ import annotations
@@ -66,13 +67,18 @@ class ReductionPlan(PlanIndices):
         kept: `(B, |A| - r)` indices of the sources that stay, ascending (CLS first).
         removed: `(B, r)` indices of the sources that leave.
         destinations: `(B, r)` destination index (into B) of each removed source, or None when they are pruned.
-        num_protected: 1 (CLS) or 2 (CLS + distillation token).
+        num_protected: protected tokens at the front (1: CLS, 2: + distillation token, 1 + registers, ...).
     """
 
     def assemble(self, kept: Tensor, destinations: Tensor) -> Tensor:
-        if self.num_protected == 2:
+        num_destinations = self.num_protected // 2  # protected tokens at odd positions are destinations 0..
+        if num_destinations == 0:
+            return torch.cat([kept, destinations], dim=1)
+        if num_destinations == 1:
             return torch.cat([kept[:, :1], destinations[:, :1], kept[:, 1:], destinations[:, 1:]], dim=1)
-        return torch.cat([kept, destinations], dim=1)
+        # Protected tokens 0..k-1 alternate source/destination: interleave them back in their input order.
+        protected = torch.stack([kept[:, :num_destinations], destinations[:, :num_destinations]], dim=2)
+        return torch.cat([protected.flatten(1, 2), kept[:, num_destinations:], destinations[:, num_destinations:]], 1)
 
     def sum_into_destinations(self, tokens: Tensor) -> Tensor:
         """Apply the plan to `(B, N, C)` tokens, adding each merged source into its destination.
@@ -99,7 +105,7 @@ class SelectionPlan(PlanIndices):
         kept: `(B, N - r)` indices of the tokens that stay, ascending (protected tokens first).
         removed: `(B, r)` indices of the tokens that leave.
         destinations: `(B, r)` position *in `kept`* that each removed token merges into, or None when pruned.
-        num_protected: 1 (CLS) or 2 (CLS + distillation token).
+        num_protected: protected tokens at the front, never removed.
     """
 
     def sum_into_destinations(self, tokens: Tensor) -> Tensor:
