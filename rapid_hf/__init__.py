@@ -24,10 +24,16 @@ _EXPORTS: dict[str, str] = {
     "RapidDeiTModel": "rapid_hf.models.modeling_rapid",
     "RapidDeiTForImageClassification": "rapid_hf.models.modeling_rapid",
     "RapidDeiTForImageClassificationWithTeacher": "rapid_hf.models.modeling_rapid",
+    "RapidDinov2Config": "rapid_hf.models.configuration_rapid",
+    "RapidDinov2WithRegistersConfig": "rapid_hf.models.configuration_rapid",
+    "RapidDinov2Model": "rapid_hf.models.modeling_rapid_dinov2",
+    "RapidDinov2ForImageClassification": "rapid_hf.models.modeling_rapid_dinov2",
+    "RapidDinov2WithRegistersModel": "rapid_hf.models.modeling_rapid_dinov2",
     "RapidModelOutput": "rapid_hf.models.outputs",
     "RapidImageClassifierOutput": "rapid_hf.models.outputs",
     "RapidDeiTWithTeacherOutput": "rapid_hf.models.outputs",
     "get_rapid_model": "rapid_hf.models.auto",
+    "rapid_class_for_config": "rapid_hf.models.auto",
 }
 
 __all__ = [
@@ -37,6 +43,11 @@ __all__ = [
     "RapidDeiTForImageClassificationWithTeacher",
     "RapidDeiTModel",
     "RapidDeiTWithTeacherOutput",
+    "RapidDinov2Config",
+    "RapidDinov2ForImageClassification",
+    "RapidDinov2Model",
+    "RapidDinov2WithRegistersConfig",
+    "RapidDinov2WithRegistersModel",
     "RapidImageClassifierOutput",
     "RapidModelOutput",
     "RapidViTConfig",
@@ -44,17 +55,28 @@ __all__ = [
     "RapidViTModel",
     "__version__",
     "get_rapid_model",
+    "rapid_class_for_config",
 ]
 
 if TYPE_CHECKING:
-    from rapid_hf.models.auto import get_rapid_model
-    from rapid_hf.models.configuration_rapid import RapidDeiTConfig, RapidViTConfig
+    from rapid_hf.models.auto import get_rapid_model, rapid_class_for_config
+    from rapid_hf.models.configuration_rapid import (
+        RapidDeiTConfig,
+        RapidDinov2Config,
+        RapidDinov2WithRegistersConfig,
+        RapidViTConfig,
+    )
     from rapid_hf.models.modeling_rapid import (
         RapidDeiTForImageClassification,
         RapidDeiTForImageClassificationWithTeacher,
         RapidDeiTModel,
         RapidViTForImageClassification,
         RapidViTModel,
+    )
+    from rapid_hf.models.modeling_rapid_dinov2 import (
+        RapidDinov2ForImageClassification,
+        RapidDinov2Model,
+        RapidDinov2WithRegistersModel,
     )
     from rapid_hf.models.outputs import RapidDeiTWithTeacherOutput, RapidImageClassifierOutput, RapidModelOutput
     from rapid_hf.reduction.config import RapidConfig

@@ -21,7 +21,10 @@ from typing import Any
 CONFIGURATION_AUTO = "transformers.models.auto.configuration_auto"
 MODELING_AUTO = "transformers.models.auto.modeling_auto"
 CONFIGURATION_MODULE = "rapid_hf.models.configuration_rapid"
-FAMILY_MODULES: tuple[str, ...] = ("rapid_hf.models.modeling_rapid",)
+FAMILY_MODULES: tuple[str, ...] = (
+    "rapid_hf.models.modeling_rapid",
+    "rapid_hf.models.modeling_rapid_dinov2",
+)
 """One modeling module per family; families never import each other."""
 
 

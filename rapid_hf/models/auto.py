@@ -7,13 +7,41 @@ from typing import Any
 
 from torch import nn
 
-from rapid_hf.models import modeling_rapid
+from rapid_hf.models import modeling_rapid, modeling_rapid_dinov2
 from rapid_hf.models.encoder import RapidSettingsMixin
 from rapid_hf.models.layers import swap_module_classes
 from rapid_hf.reduction.config import RapidConfig
 
-RAPID_CLASSES: dict[type[nn.Module], type[RapidSettingsMixin]] = {**modeling_rapid.RAPID_CLASSES}
+RAPID_CLASSES: dict[type[nn.Module], type[RapidSettingsMixin]] = {
+    **modeling_rapid.RAPID_CLASSES,
+    **modeling_rapid_dinov2.RAPID_CLASSES,
+}
 """Stock transformers class -> its Rapid class, for every supported family."""
+
+
+def rapid_class_for_config(config: Any) -> type[RapidSettingsMixin]:
+    """The Rapid class that loads a checkpoint with this config (stock or Rapid `model_type`), for the loaders.
+
+    Chosen by `config.architectures` (the class that saved the checkpoint, stock or Rapid, e.g.
+    `ViTForImageClassification`, `RapidCLIPModel`); without a known architecture, the family's first class (its
+    backbone). Raises ValueError naming the supported model types otherwise.
+    """
+    by_name = {rapid.__name__: rapid for rapid in RAPID_CLASSES.values()}
+    by_name.update({stock.__name__: rapid for stock, rapid in RAPID_CLASSES.items()})
+    for name in getattr(config, "architectures", None) or ():
+        if name in by_name:
+            return by_name[name]
+    model_type = getattr(config, "model_type", None)
+    by_type: dict[str, type[RapidSettingsMixin]] = {}
+    for rapid in RAPID_CLASSES.values():
+        for accepted in (rapid.config_class.model_type, *rapid.config_class.source_model_types):
+            by_type.setdefault(accepted, rapid)
+    if model_type in by_type:
+        return by_type[model_type]
+    raise ValueError(
+        f"no Rapid class loads a checkpoint with model_type={model_type!r} and architectures="
+        f"{getattr(config, 'architectures', None)}; supported model types: {sorted(by_type)}"
+    )
 
 
 def get_rapid_model(model: nn.Module, rapid: RapidConfig | Mapping[str, Any] | None = None) -> RapidSettingsMixin:
@@ -35,7 +63,8 @@ def get_rapid_model(model: nn.Module, rapid: RapidConfig | Mapping[str, Any] | N
     config = rapid_class.config_class.for_model(model.config)
     if config is not model.config:  # same fields: give the shared config object the Rapid class instead
         model.config.__class__ = rapid_class.config_class
-    swap_module_classes(model, {type(model): rapid_class, **rapid_class.module_classes})
+    swap_module_classes(model, {type(model): rapid_class})
+    model.swap_modules()
     if rapid is not None:
         model.set_rapid(rapid)
     return model

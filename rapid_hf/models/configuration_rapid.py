@@ -11,7 +11,15 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from transformers import AutoConfig, DeiTConfig, ViTConfig
+from transformers import (
+    AutoConfig,
+    CLIPConfig,
+    CLIPVisionConfig,
+    DeiTConfig,
+    Dinov2Config,
+    Dinov2WithRegistersConfig,
+    ViTConfig,
+)
 
 from rapid_hf.reduction.config import RapidConfig
 
@@ -28,6 +36,9 @@ class _RapidConfigMixin:
     @classmethod
     def get_config_dict(cls, pretrained_model_name_or_path: Any, **kwargs: Any) -> tuple[dict[str, Any], dict]:
         config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        base_key = getattr(cls, "base_config_key", "")
+        if base_key and isinstance(config_dict.get(base_key), dict):  # e.g. the vision tower of a `clip` checkpoint
+            config_dict = config_dict[base_key]
         model_type = config_dict.get("model_type")
         if model_type in cls.source_model_types:
             config_dict = {**config_dict, "model_type": cls.model_type}
@@ -43,7 +54,7 @@ class _RapidConfigMixin:
             # Stored as the JSON dict save_pretrained writes; checked at construction, at load time (also via
             # AutoConfig) and on every assignment, naming the field.
             settings = as_rapid_config(value)
-            if "num_hidden_layers" in self.__dict__:
+            if self._encoder_config_ready():
                 self.validate_rapid(settings)
             value = settings.to_dict()
         super().__setattr__(key, value)
@@ -65,15 +76,26 @@ class _RapidConfigMixin:
         return config
 
     @property
+    def encoder_config(self) -> Any:
+        """The config of the reduced image encoder: this config, or its vision tower's (CLIP)."""
+        return self
+
+    def _encoder_config_ready(self) -> bool:
+        return "num_hidden_layers" in self.__dict__
+
+    @property
     def num_input_tokens(self) -> int:
         """Tokens entering the encoder at the configured image size: patches plus protected tokens."""
-        image, patch = as_pair(self.image_size), as_pair(self.patch_size)
+        encoder = self.encoder_config
+        image, patch = as_pair(encoder.image_size), as_pair(encoder.patch_size)
         return (image[0] // patch[0]) * (image[1] // patch[1]) + self.num_protected_tokens
 
     def validate_rapid(self, rapid: RapidConfig) -> None:
         """The checks of `rapid` that need this architecture (layers, input tokens, protected tokens)."""
         rapid.validate_for_model(
-            num_layers=self.num_hidden_layers, num_tokens=self.num_input_tokens, num_protected=self.num_protected_tokens
+            num_layers=self.encoder_config.num_hidden_layers,
+            num_tokens=self.num_input_tokens,
+            num_protected=self.num_protected_tokens,
         )
 
 
@@ -123,7 +145,83 @@ class RapidDeiTConfig(_RapidConfigMixin, DeiTConfig):
     rapid: dict | None = None
 
 
-RAPID_CONFIGS: tuple[type, ...] = (RapidViTConfig, RapidDeiTConfig)
+class RapidDinov2Config(_RapidConfigMixin, Dinov2Config):
+    """`Dinov2Config` plus `rapid`: the `RapidConfig.to_dict()` of the reduction to run (None = no reduction)."""
+
+    model_type = "rapid_dinov2"
+    source_model_types = ("dinov2",)
+    num_protected_tokens = 1
+    rapid_class_hint = (
+        "RapidDinov2Model / RapidDinov2ForImageClassification load `dinov2` checkpoints (facebook/dinov2-*); "
+        "use RapidDinov2WithRegistersModel for `dinov2_with_registers` checkpoints"
+    )
+
+    rapid: dict | None = None
+
+
+class RapidDinov2WithRegistersConfig(_RapidConfigMixin, Dinov2WithRegistersConfig):
+    """`Dinov2WithRegistersConfig` plus `rapid`; CLS and every register token are protected."""
+
+    model_type = "rapid_dinov2_with_registers"
+    source_model_types = ("dinov2_with_registers",)
+    rapid_class_hint = (
+        "RapidDinov2WithRegistersModel loads `dinov2_with_registers` checkpoints (facebook/dinov2-with-registers-*); "
+        "use RapidDinov2Model for `dinov2` checkpoints"
+    )
+
+    rapid: dict | None = None
+
+    @property
+    def num_protected_tokens(self) -> int:
+        """CLS plus the register tokens."""
+        return 1 + self.num_register_tokens
+
+
+class RapidCLIPVisionConfig(_RapidConfigMixin, CLIPVisionConfig):
+    """`CLIPVisionConfig` plus `rapid`; reads `clip_vision_model` configs and the vision part of `clip` ones."""
+
+    model_type = "rapid_clip_vision_model"
+    source_model_types = ("clip_vision_model",)
+    num_protected_tokens = 1
+    rapid_class_hint = (
+        "RapidCLIPVisionModel / RapidCLIPVisionModelWithProjection load `clip` and `clip_vision_model` checkpoints "
+        "(openai/clip-vit-*)"
+    )
+
+    rapid: dict | None = None
+
+
+class RapidCLIPConfig(_RapidConfigMixin, CLIPConfig):
+    """`CLIPConfig` plus `rapid`: the reduction of the vision tower (the text tower is never reduced)."""
+
+    model_type = "rapid_clip"
+    source_model_types = ("clip",)
+    num_protected_tokens = 1
+    rapid_class_hint = "RapidCLIPModel loads `clip` checkpoints (openai/clip-vit-*)"
+
+    rapid: dict | None = None
+
+    @property
+    def encoder_config(self) -> Any:
+        return self.vision_config
+
+    def _encoder_config_ready(self) -> bool:
+        return isinstance(self.__dict__.get("vision_config"), CLIPVisionConfig)
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        super().__post_init__(**kwargs)
+        if self.rapid is not None:  # set before the vision config existed: check it now
+            self.validate_rapid(as_rapid_config(self.rapid))
+
+
+RAPID_CONFIGS: tuple[type, ...] = (
+    RapidViTConfig,
+    RapidDeiTConfig,
+    RapidDinov2Config,
+    RapidDinov2WithRegistersConfig,
+    RapidCLIPVisionConfig,
+    RapidCLIPConfig,
+)
 
 if __name__.startswith("rapid_hf."):  # the installed package (see rapid_hf.registration), never Hub remote code,
     for _config_class in RAPID_CONFIGS:  # whose loading transformers allows only with trust_remote_code=True

@@ -145,6 +145,10 @@ class RapidSettingsMixin:
 
     def __init__(self, config: Any, *args: Any, rapid: RapidConfig | Mapping[str, Any] | None = None, **kwargs):
         super().__init__(self.config_class.for_model(config, rapid), *args, **kwargs)
+        self.swap_modules()
+
+    def swap_modules(self) -> None:
+        """Give the stock submodules that reduce their Rapid classes (`module_classes`), in place."""
         swap_module_classes(self, self.module_classes)
 
     @property
@@ -179,6 +183,8 @@ class ReducedBackboneMixin(RapidSettingsMixin):
     """
 
     num_protected_tokens: int = 1
+    always_interpolates_positions: bool = False
+    """True for families whose embeddings resize position embeddings to any input size (DINOv2)."""
 
     @property
     def reducing_layers(self) -> nn.ModuleList:
@@ -189,6 +195,11 @@ class ReducedBackboneMixin(RapidSettingsMixin):
     def patch_embedding(self) -> nn.Module:
         """The module with `num_channels`, `patch_size` and `image_size` of the patch embedding."""
         return self.embeddings.patch_embeddings
+
+    def pixel_geometry(self) -> tuple[int, Any, Any]:
+        """`(num_channels, patch_size, image_size)` the pixel values are checked against."""
+        patch_embedding = self.patch_embedding
+        return patch_embedding.num_channels, patch_embedding.patch_size, patch_embedding.image_size
 
     @property
     def embedding_dtype(self) -> torch.dtype:
@@ -207,9 +218,14 @@ class ReducedBackboneMixin(RapidSettingsMixin):
         pooler = getattr(self, "pooler", None)
         return sequence_output, pooler(sequence_output) if pooler is not None else None
 
+    @property
+    def num_input_tokens(self) -> int:
+        """Tokens entering the encoder at the checkpoint's image size: patches plus protected tokens."""
+        return self.patch_embedding.num_patches + self.num_protected_tokens
+
     def rapid_settings(self, rapid: RapidConfig | Mapping[str, Any] | None) -> RapidConfig:
         """The settings of one forward: `rapid` if given, else the model's own `config.rapid`."""
-        return as_rapid_config(self.config.rapid if rapid is None else rapid)
+        return as_rapid_config(getattr(self.config, "rapid", None) if rapid is None else rapid)
 
     @merge_with_config_defaults
     @capture_outputs(tie_last_hidden_states=False)
@@ -236,12 +252,10 @@ class ReducedBackboneMixin(RapidSettingsMixin):
         check_attention_implementation(self.config._attn_implementation, settings)
         if attention_mask is not None and settings.reduces:
             raise ValueError("attention_mask cannot be combined with token reduction (tokens merge and leave)")
-        patch_embedding = self.patch_embedding
+        num_channels, patch_size, image_size = self.pixel_geometry()
+        interpolates = interpolate_pos_encoding or self.always_interpolates_positions
         pixel_values = check_pixel_values(
-            pixel_values,
-            patch_embedding.num_channels,
-            patch_embedding.patch_size,
-            image_size=None if interpolate_pos_encoding else patch_embedding.image_size,
+            pixel_values, num_channels, patch_size, image_size=None if interpolates else image_size,
             dtype=self.embedding_dtype,
         )
         hidden = self.embed(pixel_values, bool_masked_pos, bool(interpolate_pos_encoding))
@@ -312,7 +326,19 @@ class RapidHeadMixin(RapidSettingsMixin):
     @property
     def num_input_tokens(self) -> int:
         """Tokens entering the encoder at the checkpoint's image size: patches plus protected tokens."""
-        return self.rapid_backbone.patch_embedding.num_patches + self.num_protected_tokens
+        return self.rapid_backbone.num_input_tokens
+
+    def pooled_patch_mean(self, outputs: Any) -> Tensor:
+        """Mean of the patch tokens of the last hidden state, weighted by token size.
+
+        Under reduction each remaining patch token stands for `size` patches (pruned patches are gone), so the
+        mean over the remaining tokens is size-weighted: `sum(s x) / sum(s)`, computed as `mean(s x) / mean(s)`,
+        which with every size 1 (no reduction) is bit-identical to the stock `patch_tokens.mean(dim=1)`.
+        """
+        start = self.num_protected_tokens
+        patch_tokens = outputs.last_hidden_state[:, start:]
+        sizes = outputs.sizes[:, start:, None].to(patch_tokens.dtype)
+        return (patch_tokens * sizes).mean(dim=1) / sizes.mean(dim=1)
 
     def encode(
         self,

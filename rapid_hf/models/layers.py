@@ -44,6 +44,8 @@ class ReducingAttentionMixin:
     output_projection: str = "o_proj"
     scaling_attribute: str = "scaling"
     dropout_attribute: str = "attention_dropout"
+    eager_attention: Callable = staticmethod(eager_attention_forward)
+    """The family's own `eager_attention_forward` (used when `attn_implementation="eager"`)."""
 
     def forward(
         self, hidden_states: Tensor, attention_mask: Tensor | None = None, **kwargs: Any
@@ -54,7 +56,7 @@ class ReducingAttentionMixin:
         key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
+            self.config._attn_implementation, self.eager_attention
         )
         attn_output, attn_weights = attention_interface(
             self,
