@@ -29,6 +29,13 @@ _EXPORTS: dict[str, str] = {
     "RapidDinov2Model": "rapid_hf.models.modeling_rapid_dinov2",
     "RapidDinov2ForImageClassification": "rapid_hf.models.modeling_rapid_dinov2",
     "RapidDinov2WithRegistersModel": "rapid_hf.models.modeling_rapid_dinov2",
+    "RapidCLIPConfig": "rapid_hf.models.configuration_rapid",
+    "RapidCLIPVisionConfig": "rapid_hf.models.configuration_rapid",
+    "RapidCLIPVisionModel": "rapid_hf.models.modeling_rapid_clip",
+    "RapidCLIPVisionModelWithProjection": "rapid_hf.models.modeling_rapid_clip",
+    "RapidCLIPModel": "rapid_hf.models.modeling_rapid_clip",
+    "RapidCLIPOutput": "rapid_hf.models.modeling_rapid_clip",
+    "RapidCLIPVisionModelOutput": "rapid_hf.models.modeling_rapid_clip",
     "RapidModelOutput": "rapid_hf.models.outputs",
     "RapidImageClassifierOutput": "rapid_hf.models.outputs",
     "RapidDeiTWithTeacherOutput": "rapid_hf.models.outputs",
@@ -37,6 +44,13 @@ _EXPORTS: dict[str, str] = {
 }
 
 __all__ = [
+    "RapidCLIPConfig",
+    "RapidCLIPModel",
+    "RapidCLIPOutput",
+    "RapidCLIPVisionConfig",
+    "RapidCLIPVisionModel",
+    "RapidCLIPVisionModelOutput",
+    "RapidCLIPVisionModelWithProjection",
     "RapidConfig",
     "RapidDeiTConfig",
     "RapidDeiTForImageClassification",
@@ -61,6 +75,8 @@ __all__ = [
 if TYPE_CHECKING:
     from rapid_hf.models.auto import get_rapid_model, rapid_class_for_config
     from rapid_hf.models.configuration_rapid import (
+        RapidCLIPConfig,
+        RapidCLIPVisionConfig,
         RapidDeiTConfig,
         RapidDinov2Config,
         RapidDinov2WithRegistersConfig,
@@ -72,6 +88,13 @@ if TYPE_CHECKING:
         RapidDeiTModel,
         RapidViTForImageClassification,
         RapidViTModel,
+    )
+    from rapid_hf.models.modeling_rapid_clip import (
+        RapidCLIPModel,
+        RapidCLIPOutput,
+        RapidCLIPVisionModel,
+        RapidCLIPVisionModelOutput,
+        RapidCLIPVisionModelWithProjection,
     )
     from rapid_hf.models.modeling_rapid_dinov2 import (
         RapidDinov2ForImageClassification,

@@ -24,6 +24,7 @@ CONFIGURATION_MODULE = "rapid_hf.models.configuration_rapid"
 FAMILY_MODULES: tuple[str, ...] = (
     "rapid_hf.models.modeling_rapid",
     "rapid_hf.models.modeling_rapid_dinov2",
+    "rapid_hf.models.modeling_rapid_clip",
 )
 """One modeling module per family; families never import each other."""
 

@@ -55,6 +55,7 @@ class Family:
         config = self.make_config()
         config._attn_implementation = attention
         model = self.stock_class(config).eval()
+        model.set_attn_implementation(attention)
         # Random, non-trivial values where the stock init puts constants (layer scale, biases): the checks
         # must see every weight take part.
         with torch.no_grad():
@@ -67,6 +68,7 @@ class Family:
         stock = self.stock(attention)
         model = self.rapid_class(stock.config, rapid=rapid).eval()
         model.set_attn_implementation(attention)
+        assert model.config._attn_implementation == attention
         missing, unexpected = model.load_state_dict(stock.state_dict(), strict=True)
         assert not missing and not unexpected
         return model
@@ -114,7 +116,7 @@ def check_save_reload_keeps_settings(family: Family, tmp_path) -> None:
     model.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
     assert RapidConfig.from_dict(saved["rapid"]) == settings
-    for loader in (family.rapid_class, family.auto_class):
+    for loader in (family.rapid_class,) + ((family.auto_class,) if family.auto_class is not None else ()):
         reloaded = loader.from_pretrained(tmp_path).eval()
         assert type(reloaded) is family.rapid_class and reloaded.rapid == settings
         inputs = family.inputs(2)

@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from rapid_hf.models import modeling_rapid, modeling_rapid_dinov2
+from rapid_hf.models import modeling_rapid, modeling_rapid_clip, modeling_rapid_dinov2
 from rapid_hf.models.encoder import RapidSettingsMixin
 from rapid_hf.models.layers import swap_module_classes
 from rapid_hf.reduction.config import RapidConfig
@@ -15,6 +15,7 @@ from rapid_hf.reduction.config import RapidConfig
 RAPID_CLASSES: dict[type[nn.Module], type[RapidSettingsMixin]] = {
     **modeling_rapid.RAPID_CLASSES,
     **modeling_rapid_dinov2.RAPID_CLASSES,
+    **modeling_rapid_clip.RAPID_CLASSES,
 }
 """Stock transformers class -> its Rapid class, for every supported family."""
 

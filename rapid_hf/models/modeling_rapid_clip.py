@@ -1,0 +1,271 @@
+"""CLIP family adapter: `CLIPVisionModel`, `CLIPVisionModelWithProjection` and `CLIPModel` (vision tower reduced).
+
+What the adapter says about the family: CLS is protected, the layers are `encoder.layers`, the sequence is
+`pre_layrnorm(embeddings)` and the pooled output is `post_layernorm(CLS)` (the last hidden state is not normed),
+the attention names its parts `out_proj`/`scale`/`dropout`, and the layer splits into
+`residual + self_attn(layer_norm1(x))` and `residual + mlp(layer_norm2(x))` (mirrors `CLIPEncoderLayer.forward`,
+`CLIPAttention.forward`, `CLIPVisionModel.forward`, `CLIPModel.forward` / `get_image_features` of transformers
+5.24; `tests/test_clip.py` fails if the stock forwards compute something else). In `RapidCLIPModel` only the
+vision tower reduces: its layers become Rapid layers, the text tower keeps the stock classes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+from transformers import (
+    AutoModel,
+    AutoModelForZeroShotImageClassification,
+    CLIPModel,
+    CLIPVisionModel,
+    CLIPVisionModelWithProjection,
+)
+from transformers.models.clip.modeling_clip import (
+    CLIPAttention,
+    CLIPEncoderLayer,
+    CLIPOutput,
+    CLIPVisionModelOutput,
+    _get_vector_norm,
+    image_text_contrastive_loss,
+)
+from transformers.models.clip.modeling_clip import eager_attention_forward as clip_eager_attention
+from transformers.utils.generic import can_return_tuple
+
+from rapid_hf.models.configuration_rapid import RapidCLIPConfig, RapidCLIPVisionConfig, as_pair
+from rapid_hf.models.encoder import RapidHeadMixin, ReducedBackboneMixin
+from rapid_hf.models.layers import (
+    ReducingAttentionMixin,
+    ReducingLayerMixin,
+    inherit_checkpoint_conversions,
+    swap_module_classes,
+)
+from rapid_hf.models.outputs import RapidModelOutput, ReductionFields, reduction_fields
+from rapid_hf.reduction.config import RapidConfig
+
+
+class RapidCLIPAttention(ReducingAttentionMixin, CLIPAttention):
+    """`CLIPAttention` that also returns its keys and query (vision tower only)."""
+
+    output_projection = "out_proj"
+    scaling_attribute = "scale"
+    dropout_attribute = "dropout"
+    eager_attention = staticmethod(clip_eager_attention)
+
+
+class RapidCLIPEncoderLayer(ReducingLayerMixin, CLIPEncoderLayer):
+    """`CLIPEncoderLayer` with a reduction step between attention and MLP."""
+
+    attention_module_name = "self_attn"
+
+    def attention_residual(self, hidden_states: Tensor, attention_bias: Tensor | None, **kwargs: Any):
+        attended, _, keys, query = self.self_attn(self.layer_norm1(hidden_states), attention_bias, **kwargs)
+        return hidden_states + attended, keys, query
+
+    def mlp_residual(self, hidden_states: Tensor) -> Tensor:
+        return hidden_states + self.mlp(self.layer_norm2(hidden_states))
+
+
+MODULE_CLASSES: dict[type, type] = {CLIPAttention: RapidCLIPAttention, CLIPEncoderLayer: RapidCLIPEncoderLayer}
+"""Stock module class -> its Rapid subclass, for the vision tower's layers and attention modules."""
+
+
+@dataclass
+class RapidCLIPVisionModelOutput(ReductionFields, CLIPVisionModelOutput):
+    """`CLIPVisionModelOutput` plus `ReductionFields`."""
+
+
+@dataclass
+class RapidCLIPOutput(ReductionFields, CLIPOutput):
+    """`CLIPOutput` plus the `ReductionFields` of the vision tower."""
+
+
+class RapidCLIPVisionModel(ReducedBackboneMixin, CLIPVisionModel):
+    """`CLIPVisionModel` with token reduction; returns `RapidModelOutput`. Protected: CLS."""
+
+    config_class = RapidCLIPVisionConfig
+    module_classes = MODULE_CLASSES
+    num_protected_tokens = 1
+
+    @property
+    def reducing_layers(self) -> nn.ModuleList:
+        return self.encoder.layers
+
+    @property
+    def patch_embedding(self) -> nn.Module:
+        return self.embeddings.patch_embedding
+
+    @property
+    def embedding_dtype(self) -> torch.dtype:
+        return self.embeddings.patch_embedding.weight.dtype
+
+    @property
+    def num_input_tokens(self) -> int:
+        return self.embeddings.num_patches + self.num_protected_tokens
+
+    def pixel_geometry(self) -> tuple[int, Any, Any]:
+        return self.config.num_channels, as_pair(self.config.patch_size), as_pair(self.config.image_size)
+
+    def embed(self, pixel_values: Tensor, bool_masked_pos: Tensor | None, interpolate_pos_encoding: bool) -> Tensor:
+        if bool_masked_pos is not None:
+            raise ValueError("CLIP vision models take no bool_masked_pos (they have no mask token)")
+        embeddings = self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        return self.pre_layrnorm(embeddings)
+
+    def finish(self, hidden_states: Tensor) -> tuple[Tensor, Tensor | None]:
+        return hidden_states, self.post_layernorm(hidden_states[:, 0, :])
+
+
+inherit_checkpoint_conversions(RapidCLIPVisionModel, CLIPVisionModel)
+
+
+class RapidCLIPVisionModelWithProjection(RapidHeadMixin, CLIPVisionModelWithProjection):
+    """`CLIPVisionModelWithProjection` with token reduction: image embeddings from the reduced tower."""
+
+    config_class = RapidCLIPVisionConfig
+    config: RapidCLIPVisionConfig
+    module_classes: ClassVar[Mapping[type, type]] = {**MODULE_CLASSES, CLIPVisionModel: RapidCLIPVisionModel}
+
+    def swap_modules(self) -> None:
+        super().swap_modules()
+        self.vision_model.config = self.config  # one config, so `config.rapid` is what the tower runs
+
+    @can_return_tuple
+    def forward(
+        self,
+        pixel_values: Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+        rapid: RapidConfig | Mapping[str, Any] | None = None,
+        output_sources: bool = False,
+        output_dense: bool = False,
+        **kwargs: Any,
+    ) -> RapidCLIPVisionModelOutput:
+        """The stock forward (mirrors transformers 5.24); `rapid` runs other settings for this call only."""
+        vision_outputs: RapidModelOutput = self.vision_model(
+            pixel_values=pixel_values,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            rapid=rapid,
+            output_sources=output_sources,
+            output_dense=output_dense,
+            **kwargs,
+        )
+        return RapidCLIPVisionModelOutput(
+            image_embeds=self.visual_projection(vision_outputs.pooler_output),
+            last_hidden_state=vision_outputs.last_hidden_state,
+            hidden_states=vision_outputs.hidden_states,
+            attentions=vision_outputs.attentions,
+            **reduction_fields(vision_outputs),
+        )
+
+
+class RapidCLIPModel(RapidHeadMixin, CLIPModel):
+    """`CLIPModel` whose image embeddings come from the reduced vision tower; the text tower is untouched.
+
+    Works with `pipeline("zero-shot-image-classification", model=...)`. `config.rapid` (of the `CLIPModel`) is
+    what the vision tower runs; `model.vision_model` called on its own takes settings only through `rapid=`.
+    """
+
+    config_class = RapidCLIPConfig
+    config: RapidCLIPConfig
+    module_classes: ClassVar[Mapping[type, type]] = {**MODULE_CLASSES, CLIPVisionModel: RapidCLIPVisionModel}
+
+    @property
+    def rapid_backbone(self) -> RapidCLIPVisionModel:
+        return self.vision_model
+
+    def swap_modules(self) -> None:
+        swap_module_classes(self.vision_model, self.module_classes)  # the text tower keeps its stock classes
+
+    @can_return_tuple
+    def get_image_features(
+        self,
+        pixel_values: Tensor,
+        interpolate_pos_encoding: bool = False,
+        rapid: RapidConfig | Mapping[str, Any] | None = None,
+        output_sources: bool = False,
+        output_dense: bool = False,
+        **kwargs: Any,
+    ) -> RapidModelOutput:
+        """The stock method (mirrors transformers 5.24), reduced: `pooler_output` is the projected image embedding."""
+        vision_outputs: RapidModelOutput = self.vision_model(
+            pixel_values=pixel_values,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            rapid=self.config.rapid if rapid is None else rapid,
+            output_sources=output_sources,
+            output_dense=output_dense,
+            **kwargs,
+        )
+        vision_outputs.pooler_output = self.visual_projection(vision_outputs.pooler_output)
+        return vision_outputs
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        return_loss: bool | None = None,
+        interpolate_pos_encoding: bool = False,
+        rapid: RapidConfig | Mapping[str, Any] | None = None,
+        output_sources: bool = False,
+        output_dense: bool = False,
+        **kwargs: Any,
+    ) -> RapidCLIPOutput:
+        """The stock forward (mirrors `CLIPModel.forward` of transformers 5.24) with the reduced image tower."""
+        vision_outputs = self.get_image_features(
+            pixel_values=pixel_values,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            rapid=rapid,
+            output_sources=output_sources,
+            output_dense=output_dense,
+            **kwargs,
+        )
+        text_outputs = self.get_text_features(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs
+        )
+        image_embeds = vision_outputs.pooler_output
+        text_embeds = text_outputs.pooler_output
+        image_embeds = image_embeds / _get_vector_norm(image_embeds)
+        text_embeds = text_embeds / _get_vector_norm(text_embeds)
+        logits_per_text = torch.matmul(text_embeds, image_embeds.t().to(text_embeds.device))
+        logits_per_text = logits_per_text * self.logit_scale.exp().to(text_embeds.device)
+        logits_per_image = logits_per_text.t()
+        loss = image_text_contrastive_loss(logits_per_text) if return_loss else None
+        return RapidCLIPOutput(
+            loss=loss,
+            logits_per_image=logits_per_image,
+            logits_per_text=logits_per_text,
+            text_embeds=text_embeds,
+            image_embeds=image_embeds,
+            text_model_output=text_outputs,
+            vision_model_output=vision_outputs,
+            **reduction_fields(vision_outputs),
+        )
+
+
+inherit_checkpoint_conversions(RapidCLIPVisionModelWithProjection, CLIPVisionModelWithProjection)
+inherit_checkpoint_conversions(RapidCLIPModel, CLIPModel)
+
+if __name__.startswith("rapid_hf."):  # the installed package only, never Hub remote code (see configuration_rapid)
+    AutoModel.register(RapidCLIPVisionConfig, RapidCLIPVisionModel, exist_ok=True)
+    AutoModel.register(RapidCLIPConfig, RapidCLIPModel, exist_ok=True)
+    AutoModelForZeroShotImageClassification.register(RapidCLIPConfig, RapidCLIPModel, exist_ok=True)
+
+RAPID_CLASSES: dict[type, type] = {
+    CLIPVisionModel: RapidCLIPVisionModel,
+    CLIPVisionModelWithProjection: RapidCLIPVisionModelWithProjection,
+    CLIPModel: RapidCLIPModel,
+}
+"""Stock model class -> Rapid class, for `rapid_hf.get_rapid_model`."""
+
+__all__ = [
+    "RapidCLIPModel",
+    "RapidCLIPOutput",
+    "RapidCLIPVisionModel",
+    "RapidCLIPVisionModelOutput",
+    "RapidCLIPVisionModelWithProjection",
+]
