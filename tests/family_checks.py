@@ -151,20 +151,33 @@ def check_hooks_fire_once_per_layer(family: Family, method: str) -> None:
             assert calls[name] == [entering[index]], name
 
 
-def gradients(model: nn.Module, inputs: dict[str, Tensor], loss: Callable[[Any], Tensor]) -> dict[str, Tensor]:
+def gradients(
+    model: nn.Module, inputs: dict[str, Tensor], loss: Callable[[Any], Tensor]
+) -> tuple[int, dict[str, Tensor]]:
+    """Bytes of the distinct tensors autograd saves for backward in one training forward; and the gradients."""
+    storages: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
     model.zero_grad()
-    loss(model(**inputs)).backward()
-    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        value = loss(model(**inputs))
+    value.backward()
+    return sum(storages.values()), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
 def check_gradient_checkpointing(family: Family, method: str) -> None:
     model = family.rapid(rapid=settings_for(method)).train()
     inputs = family.inputs(4)
-    plain = gradients(model, inputs, family.loss)
-    model.gradient_checkpointing_enable()
-    assert model.is_gradient_checkpointing
+    plain_bytes, plain = gradients(model, inputs, family.loss)
+    model.activation_checkpointing_enable()
+    assert model.is_activation_checkpointing
     assert all(layer.gradient_checkpointing for layer in family.layers(model))
-    checkpointed = gradients(model, inputs, family.loss)
+    checkpointed_bytes, checkpointed = gradients(model, inputs, family.loss)
+    assert checkpointed_bytes < 0.6 * plain_bytes  # each reduced layer keeps only its input
     assert plain.keys() == checkpointed.keys() and len(plain) > 0
     for name, gradient in plain.items():
         assert torch.allclose(gradient, checkpointed[name], atol=1e-5, rtol=0), name
