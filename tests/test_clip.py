@@ -384,3 +384,23 @@ def test_get_rapid_model_on_clip_leaves_the_text_tower_alone():
     model = get_rapid_model(FAMILIES["clip"].stock(), RapidConfig(method="tome", r=4))
     assert isinstance(model.config, RapidCLIPConfig) and model.rapid == RapidConfig(method="tome", r=4)
     assert all(type(layer) is CLIPEncoderLayer for layer in model.text_model.encoder.layers)
+
+
+def test_images_alone_give_the_image_embeddings_for_benchmarks():
+    model = FAMILIES["clip"].rapid(rapid=checks.settings_for("tome"))
+    with torch.no_grad():
+        alone = model(**pixels(2))
+        with_text = model(**pixels_and_text(2))
+    assert torch.equal(alone.image_embeds, with_text.image_embeds)
+    assert alone.logits_per_image is None and alone.text_embeds is None
+    assert alone.token_counts == with_text.token_counts == (57, 49, 41, 33)
+    with pytest.raises(ValueError, match="return_loss needs input_ids"):
+        model(**pixels(2), return_loss=True)
+
+
+def test_encoder_geometry_for_the_harness():
+    config = FAMILIES["clip"].rapid().config
+    assert config.encoder_config is config.vision_config
+    assert (config.mlp_size, config.num_input_tokens, config.num_protected_tokens) == (96, 65, 1)
+    vision = RapidCLIPVisionConfig(**VISION)
+    assert vision.encoder_config is vision and vision.mlp_size == 96

@@ -268,3 +268,10 @@ def test_real_deit_tiny_as_dinov2_keeps_the_tokens_and_cls_features_of_the_vit_p
     assert row["max_abs_cls_diff"] <= 1e-4, row
     if method != "none":
         assert row["token_counts"][-1] < 197
+
+
+def test_encoder_geometry_for_the_harness():
+    config = RapidDinov2Config(**SMALL, mlp_ratio=3)
+    assert config.encoder_config is config and config.mlp_size == 144 and config.num_input_tokens == 65
+    registers = RapidDinov2WithRegistersConfig(**SMALL, num_register_tokens=2)
+    assert registers.num_protected_tokens == 3 and registers.num_input_tokens == 67

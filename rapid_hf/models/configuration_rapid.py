@@ -84,6 +84,14 @@ class _RapidConfigMixin:
         return "num_hidden_layers" in self.__dict__
 
     @property
+    def mlp_size(self) -> int:
+        """Inner width of the reduced encoder's MLP (`intermediate_size`, or DINOv2's `hidden_size * mlp_ratio`)."""
+        encoder = self.encoder_config
+        if getattr(encoder, "intermediate_size", None) is not None:
+            return encoder.intermediate_size
+        return int(encoder.hidden_size * encoder.mlp_ratio)
+
+    @property
     def num_input_tokens(self) -> int:
         """Tokens entering the encoder at the configured image size: patches plus protected tokens."""
         encoder = self.encoder_config

@@ -215,7 +215,11 @@ class RapidCLIPModel(RapidHeadMixin, CLIPModel):
         output_dense: bool = False,
         **kwargs: Any,
     ) -> RapidCLIPOutput:
-        """The stock forward (mirrors `CLIPModel.forward` of transformers 5.24) with the reduced image tower."""
+        """The stock forward (mirrors `CLIPModel.forward` of transformers 5.24) with the reduced image tower.
+
+        Also takes images alone (`input_ids=None`, where the stock forward fails): then only `image_embeds` (and
+        the vision outputs) are set, which is what throughput benchmarks of the image tower run.
+        """
         vision_outputs = self.get_image_features(
             pixel_values=pixel_values,
             interpolate_pos_encoding=interpolate_pos_encoding,
@@ -224,12 +228,18 @@ class RapidCLIPModel(RapidHeadMixin, CLIPModel):
             output_dense=output_dense,
             **kwargs,
         )
+        image_embeds = vision_outputs.pooler_output
+        image_embeds = image_embeds / _get_vector_norm(image_embeds)
+        if input_ids is None:
+            if return_loss:
+                raise ValueError("return_loss needs input_ids: the contrastive loss pairs images with texts")
+            return RapidCLIPOutput(
+                image_embeds=image_embeds, vision_model_output=vision_outputs, **reduction_fields(vision_outputs)
+            )
         text_outputs = self.get_text_features(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs
         )
-        image_embeds = vision_outputs.pooler_output
         text_embeds = text_outputs.pooler_output
-        image_embeds = image_embeds / _get_vector_norm(image_embeds)
         text_embeds = text_embeds / _get_vector_norm(text_embeds)
         logits_per_text = torch.matmul(text_embeds, image_embeds.t().to(text_embeds.device))
         logits_per_text = logits_per_text * self.logit_scale.exp().to(text_embeds.device)
