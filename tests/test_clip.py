@@ -404,3 +404,8 @@ def test_encoder_geometry_for_the_harness():
     assert (config.mlp_size, config.num_input_tokens, config.num_protected_tokens) == (96, 65, 1)
     vision = RapidCLIPVisionConfig(**VISION)
     assert vision.encoder_config is vision and vision.mlp_size == 96
+
+
+@pytest.mark.parametrize("name", ["clip_vision_projection", "clip"])
+def test_peft_lora_trains_with_reduction_and_round_trips(name, tmp_path):
+    checks.check_peft_lora_trains_and_round_trips(FAMILIES[name], tmp_path)

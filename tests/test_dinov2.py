@@ -275,3 +275,8 @@ def test_encoder_geometry_for_the_harness():
     assert config.encoder_config is config and config.mlp_size == 144 and config.num_input_tokens == 65
     registers = RapidDinov2WithRegistersConfig(**SMALL, num_register_tokens=2)
     assert registers.num_protected_tokens == 3 and registers.num_input_tokens == 67
+
+
+@pytest.mark.parametrize("name", ["dinov2_classifier", "dinov2_registers"])
+def test_peft_lora_trains_with_reduction_and_round_trips(name, tmp_path):
+    checks.check_peft_lora_trains_and_round_trips(FAMILIES[name], tmp_path)

@@ -36,9 +36,10 @@ moved). The hidden states come first, so transformers' output capture records th
 class ReducingAttentionMixin:
     """Self-attention that returns `(output, weights, keys, query)`: the stock pair plus what reduction reads.
 
-    Mirrors `ViTAttention.forward` of transformers 5.24 (the same code as DeiT's and DINOv2's) operation for
-    operation, so with no bias the output is bit-identical; `tests/test_adapters.py` checks it against the stock
-    forward. Families whose attention names its parts differently set the class attributes below.
+    Mirrors `ViTAttention.forward` of transformers 5.24 (the same code as DeiT's and DINOv2's, and CLIP's with
+    other names) operation for operation, so with no bias the output is bit-identical; `tests/test_adapters.py`,
+    `tests/test_dinov2.py` and `tests/test_clip.py` check it against the stock forwards. Families whose attention
+    names its parts differently set the class attributes below.
     """
 
     output_projection: str = "o_proj"

@@ -36,7 +36,7 @@ from transformers.utils.generic import can_return_tuple
 from rapid_hf.models.configuration_rapid import RapidDinov2Config, RapidDinov2WithRegistersConfig
 from rapid_hf.models.encoder import RapidHeadMixin, ReducedBackboneMixin
 from rapid_hf.models.layers import ReducingAttentionMixin, ReducingLayerMixin, inherit_checkpoint_conversions
-from rapid_hf.models.outputs import RapidImageClassifierOutput, RapidModelOutput, reduction_fields
+from rapid_hf.models.outputs import RapidImageClassifierOutput, reduction_fields
 from rapid_hf.reduction.config import RapidConfig
 
 
@@ -143,15 +143,8 @@ class RapidDinov2ForImageClassification(RapidHeadMixin, Dinov2ForImageClassifica
         output_dense: bool = False,
         **kwargs: Any,
     ) -> RapidImageClassifierOutput:
-        """The stock classifier forward; `rapid` runs other settings for this call only (see the backbone)."""
-        outputs: RapidModelOutput = self.rapid_backbone(
-            pixel_values,
-            attention_mask=attention_mask,
-            rapid=rapid,
-            output_sources=output_sources,
-            output_dense=output_dense,
-            **kwargs,
-        )
+        """The stock classifier forward (mirrors transformers 5.24); `rapid` runs other settings for this call only."""
+        outputs = self.encode(pixel_values, None, attention_mask, rapid, output_sources, output_dense, **kwargs)
         cls_token = outputs.last_hidden_state[:, 0]
         logits = self.classifier(torch.cat([cls_token, self.pooled_patch_mean(outputs)], dim=1))
         loss = None if labels is None else self.loss_function(labels, logits, self.config)
