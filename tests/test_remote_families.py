@@ -119,3 +119,16 @@ def test_remote_code_loads_the_new_families_without_rapid_hf(remote_report):
         assert result["rapid"] == case["rapid"]
         assert result["token_counts"] == case["token_counts"] and case["token_counts"][-1] < case["token_counts"][0]
         assert result["max_diff"] <= 1e-5
+
+
+def test_auto_class_names_for_every_rapid_class():
+    from rapid_hf.models.auto import RAPID_CLASSES, auto_class_names
+
+    names = {rapid.__name__: auto_class_names(rapid) for rapid in RAPID_CLASSES.values()}
+    assert names["RapidViTForImageClassification"] == ("AutoModelForImageClassification",)
+    assert names["RapidDeiTForImageClassificationWithTeacher"] == ("AutoModelForImageClassification",)
+    assert names["RapidDinov2ForImageClassification"] == ("AutoModelForImageClassification",)
+    assert names["RapidDinov2WithRegistersModel"] == names["RapidCLIPVisionModel"] == ("AutoModel",)
+    assert names["RapidCLIPModel"] == ("AutoModel", "AutoModelForZeroShotImageClassification")
+    with pytest.raises(ValueError, match="is not a Rapid model class"):
+        auto_class_names(CLIPConfig)

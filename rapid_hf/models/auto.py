@@ -45,6 +45,21 @@ def rapid_class_for_config(config: Any) -> type[RapidSettingsMixin]:
     )
 
 
+def auto_class_names(rapid_class: type[RapidSettingsMixin]) -> tuple[str, ...]:
+    """The transformers Auto classes that load `rapid_class` (for a Hub repository's `auto_map`).
+
+    Image classifiers: `AutoModelForImageClassification`; `RapidCLIPModel`: `AutoModel` and
+    `AutoModelForZeroShotImageClassification` (what the zero-shot pipeline loads); every other class: `AutoModel`.
+    """
+    if rapid_class not in RAPID_CLASSES.values():
+        raise ValueError(f"{rapid_class.__name__} is not a Rapid model class")
+    if rapid_class.__name__.endswith("ForImageClassification") or "ForImageClassificationWith" in rapid_class.__name__:
+        return ("AutoModelForImageClassification",)
+    if rapid_class is modeling_rapid_clip.RapidCLIPModel:
+        return ("AutoModel", "AutoModelForZeroShotImageClassification")
+    return ("AutoModel",)
+
+
 def get_rapid_model(model: nn.Module, rapid: RapidConfig | Mapping[str, Any] | None = None) -> RapidSettingsMixin:
     """Turn a transformers model already in memory into its Rapid class, in place, and return it.
 
