@@ -29,6 +29,7 @@ _EXPORTS: dict[str, str] = {
     "RapidDinov2Model": "rapid_hf.models.modeling_rapid_dinov2",
     "RapidDinov2ForImageClassification": "rapid_hf.models.modeling_rapid_dinov2",
     "RapidDinov2WithRegistersModel": "rapid_hf.models.modeling_rapid_dinov2",
+    "RapidDinov2WithRegistersForImageClassification": "rapid_hf.models.modeling_rapid_dinov2",
     "RapidCLIPConfig": "rapid_hf.models.configuration_rapid",
     "RapidCLIPVisionConfig": "rapid_hf.models.configuration_rapid",
     "RapidCLIPVisionModel": "rapid_hf.models.modeling_rapid_clip",
@@ -61,6 +62,7 @@ __all__ = [
     "RapidDinov2ForImageClassification",
     "RapidDinov2Model",
     "RapidDinov2WithRegistersConfig",
+    "RapidDinov2WithRegistersForImageClassification",
     "RapidDinov2WithRegistersModel",
     "RapidImageClassifierOutput",
     "RapidModelOutput",
@@ -99,6 +101,7 @@ if TYPE_CHECKING:
     from rapid_hf.models.modeling_rapid_dinov2 import (
         RapidDinov2ForImageClassification,
         RapidDinov2Model,
+        RapidDinov2WithRegistersForImageClassification,
         RapidDinov2WithRegistersModel,
     )
     from rapid_hf.models.outputs import RapidDeiTWithTeacherOutput, RapidImageClassifierOutput, RapidModelOutput

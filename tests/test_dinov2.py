@@ -18,6 +18,7 @@ from transformers import (
     Dinov2ForImageClassification,
     Dinov2Model,
     Dinov2WithRegistersConfig,
+    Dinov2WithRegistersForImageClassification,
     Dinov2WithRegistersModel,
 )
 
@@ -27,6 +28,7 @@ from rapid_hf import (
     RapidDinov2ForImageClassification,
     RapidDinov2Model,
     RapidDinov2WithRegistersConfig,
+    RapidDinov2WithRegistersForImageClassification,
     RapidDinov2WithRegistersModel,
     RapidViTModel,
     rapid_class_for_config,
@@ -80,6 +82,19 @@ FAMILIES = {
         layers=lambda model: model.encoder.layer,
         num_protected=5,
     ),
+    "dinov2_registers_classifier": checks.Family(
+        name="dinov2_registers_classifier",
+        stock_class=Dinov2WithRegistersForImageClassification,
+        rapid_class=RapidDinov2WithRegistersForImageClassification,
+        make_config=lambda: Dinov2WithRegistersConfig(**SMALL, num_register_tokens=4, num_labels=5),
+        auto_class=AutoModelForImageClassification,
+        inputs=pixels,
+        compared=("logits", "hidden_states"),
+        backbone=lambda model: model.dinov2_with_registers,
+        layers=lambda model: model.dinov2_with_registers.encoder.layer,
+        num_protected=5,
+        loss=lambda output: output.logits.pow(2).mean(),
+    ),
 }
 ALL = list(FAMILIES)
 
@@ -114,7 +129,7 @@ def test_hooks_fire_once_per_layer_per_forward(name, method):
 
 
 @pytest.mark.parametrize("method", ["rapid", "tome"])
-@pytest.mark.parametrize("name", ["dinov2_classifier", "dinov2_registers"])
+@pytest.mark.parametrize("name", ["dinov2_classifier", "dinov2_registers_classifier"])
 def test_gradient_checkpointing_keeps_gradients_with_reduction(name, method):
     checks.check_gradient_checkpointing(FAMILIES[name], method)
 
@@ -193,12 +208,13 @@ def test_registers_are_protected_in_the_model():
 # ------------------------------------------------------------------------------------------- classifier
 
 
-def test_classifier_pools_the_size_weighted_mean_of_the_remaining_patch_tokens():
-    model = FAMILIES["dinov2_classifier"].rapid()
+@pytest.mark.parametrize("name, first_patch", [("dinov2_classifier", 1), ("dinov2_registers_classifier", 5)])
+def test_classifier_pools_the_size_weighted_mean_of_the_remaining_patch_tokens(name, first_patch):
+    model = FAMILIES[name].rapid()
     with torch.no_grad():
         output = model(**pixels(2), rapid=checks.settings_for("tome"), output_hidden_states=True)
-        hidden = model.dinov2.layernorm(output.hidden_states[-1])
-        patches, sizes = hidden[:, 1:], output.sizes[:, 1:, None]
+        hidden = FAMILIES[name].backbone(model).layernorm(output.hidden_states[-1])
+        patches, sizes = hidden[:, first_patch:], output.sizes[:, first_patch:, None]
         weighted_mean = (patches * sizes).sum(dim=1) / sizes.sum(dim=1)
         expected = model.classifier(torch.cat([hidden[:, 0], weighted_mean], dim=1))
     assert output.sizes[:, 1:].max() > 1  # tokens were merged, so the weighting matters
@@ -232,6 +248,10 @@ def test_any_image_size_works_as_in_the_stock_model():
         (Dinov2Config(**SMALL), RapidDinov2Model),
         (RapidDinov2Config(**SMALL, architectures=["RapidDinov2Model"]), RapidDinov2Model),
         (Dinov2WithRegistersConfig(**SMALL), RapidDinov2WithRegistersModel),
+        (
+            Dinov2WithRegistersConfig(**SMALL, architectures=["Dinov2WithRegistersForImageClassification"]),
+            RapidDinov2WithRegistersForImageClassification,
+        ),
         (RapidDinov2WithRegistersConfig(**SMALL), RapidDinov2WithRegistersModel),
     ],
 )

@@ -128,6 +128,7 @@ def test_auto_class_names_for_every_rapid_class():
     assert names["RapidViTForImageClassification"] == ("AutoModelForImageClassification",)
     assert names["RapidDeiTForImageClassificationWithTeacher"] == ("AutoModelForImageClassification",)
     assert names["RapidDinov2ForImageClassification"] == ("AutoModelForImageClassification",)
+    assert names["RapidDinov2WithRegistersForImageClassification"] == ("AutoModelForImageClassification",)
     assert names["RapidDinov2WithRegistersModel"] == names["RapidCLIPVisionModel"] == ("AutoModel",)
     assert names["RapidCLIPModel"] == ("AutoModel", "AutoModelForZeroShotImageClassification")
     with pytest.raises(ValueError, match="is not a Rapid model class"):

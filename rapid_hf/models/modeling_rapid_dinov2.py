@@ -1,4 +1,4 @@
-"""DINOv2 family adapter: `Dinov2Model`, `Dinov2ForImageClassification` and `Dinov2WithRegistersModel`.
+"""DINOv2 family adapter: `Dinov2Model`, `Dinov2ForImageClassification` and their with-registers versions.
 
 What the adapter says about the family: CLS is protected (with registers: CLS and every register token), the
 encoder's layers are `model.encoder.layer`, position embeddings are always resized to the input, the pooled output
@@ -20,6 +20,7 @@ from transformers import (
     AutoModelForImageClassification,
     Dinov2ForImageClassification,
     Dinov2Model,
+    Dinov2WithRegistersForImageClassification,
     Dinov2WithRegistersModel,
 )
 from transformers.models.dinov2.modeling_dinov2 import Dinov2Attention, Dinov2Layer
@@ -121,16 +122,13 @@ inherit_checkpoint_conversions(RapidDinov2Model, Dinov2Model)
 inherit_checkpoint_conversions(RapidDinov2WithRegistersModel, Dinov2WithRegistersModel)
 
 
-class RapidDinov2ForImageClassification(RapidHeadMixin, Dinov2ForImageClassification):
-    """`Dinov2ForImageClassification` with token reduction: the classifier reads `cat(CLS, mean of patch tokens)`.
+class _Dinov2ClassifierMixin(RapidHeadMixin):
+    """Forward of the DINOv2 classifiers: `cat(CLS, mean of patch tokens)` -> classifier.
 
     Under reduction the mean is over the remaining patch tokens weighted by their sizes (the patches each stands
     for), the best estimate of the stock mean over all patches; with reduction off it is the stock mean exactly.
+    Registers (with registers) are left out of the mean, as in the stock class.
     """
-
-    config_class = RapidDinov2Config
-    config: RapidDinov2Config
-    module_classes: ClassVar[Mapping[type, type]] = {**MODULE_CLASSES, Dinov2Model: RapidDinov2Model}
 
     @can_return_tuple
     def forward(
@@ -157,20 +155,46 @@ class RapidDinov2ForImageClassification(RapidHeadMixin, Dinov2ForImageClassifica
         )
 
 
+class RapidDinov2ForImageClassification(_Dinov2ClassifierMixin, Dinov2ForImageClassification):
+    """`Dinov2ForImageClassification` with token reduction (size-weighted patch mean, see the mixin)."""
+
+    config_class = RapidDinov2Config
+    config: RapidDinov2Config
+    module_classes: ClassVar[Mapping[type, type]] = {**MODULE_CLASSES, Dinov2Model: RapidDinov2Model}
+
+
+class RapidDinov2WithRegistersForImageClassification(
+    _Dinov2ClassifierMixin, Dinov2WithRegistersForImageClassification
+):
+    """`Dinov2WithRegistersForImageClassification` with token reduction; CLS and registers are protected."""
+
+    config_class = RapidDinov2WithRegistersConfig
+    config: RapidDinov2WithRegistersConfig
+    module_classes: ClassVar[Mapping[type, type]] = {
+        **MODULE_CLASSES,
+        Dinov2WithRegistersModel: RapidDinov2WithRegistersModel,
+    }
+
+
 if __name__.startswith("rapid_hf."):  # the installed package only, never Hub remote code (see configuration_rapid)
     AutoModel.register(RapidDinov2Config, RapidDinov2Model, exist_ok=True)
     AutoModel.register(RapidDinov2WithRegistersConfig, RapidDinov2WithRegistersModel, exist_ok=True)
     AutoModelForImageClassification.register(RapidDinov2Config, RapidDinov2ForImageClassification, exist_ok=True)
+    AutoModelForImageClassification.register(
+        RapidDinov2WithRegistersConfig, RapidDinov2WithRegistersForImageClassification, exist_ok=True
+    )
 
 RAPID_CLASSES: dict[type, type] = {
     Dinov2Model: RapidDinov2Model,
     Dinov2ForImageClassification: RapidDinov2ForImageClassification,
     Dinov2WithRegistersModel: RapidDinov2WithRegistersModel,
+    Dinov2WithRegistersForImageClassification: RapidDinov2WithRegistersForImageClassification,
 }
 """Stock model class -> Rapid class, for `rapid_hf.get_rapid_model`."""
 
 __all__ = [
     "RapidDinov2ForImageClassification",
     "RapidDinov2Model",
+    "RapidDinov2WithRegistersForImageClassification",
     "RapidDinov2WithRegistersModel",
 ]
