@@ -56,5 +56,25 @@ def bipartite_similarity(metric: Tensor, num_protected: int) -> Tensor:
 
 
 def rank_descending(values: Tensor) -> Tensor:
-    """Indices that sort `values` (B, n) from highest to lowest; ties keep index order (reproducible)."""
+    """Indices that sort `values` (B, n) from highest to lowest; ties keep index order (reproducible).
+
+    Eager runs a stable sort. Under export (`torch.export`, which the ONNX exporter uses and whose ONNX conversion
+    has no stable sort) the same order is found by counting (`rank_by_counting`): tie for tie the same indices.
+    """
+    if torch.compiler.is_exporting():
+        return rank_by_counting(values)
     return torch.sort(values, dim=-1, descending=True, stable=True).indices
+
+
+def rank_by_counting(values: Tensor) -> Tensor:
+    """The stable descending order of `values` (B, n) from comparisons only (exports to any runtime).
+
+    Entry i goes to position `#{j: v_j > v_i} + #{j < i: v_j == v_i}`, the number of entries a stable sort puts
+    before it; scattering each index to its position gives the order. `O(n^2)` comparisons per row, cheap for
+    the token counts of a ViT layer.
+    """
+    index = torch.arange(values.shape[-1], device=values.device)
+    current, other = values.unsqueeze(-1), values.unsqueeze(-2)  # [b, i, j] compares v_i with v_j
+    before = (other > current) | ((other == current) & (index.unsqueeze(0) < index.unsqueeze(1)))
+    position = before.sum(dim=-1)
+    return torch.zeros_like(position).scatter(-1, position, index.expand_as(position))
