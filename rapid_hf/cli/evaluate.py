@@ -3,6 +3,7 @@
     rapid-hf evaluate --model facebook/deit-small-patch16-224 --dataset imagenet-1k --split validation \\
         --methods none,tome,tofu,rapid --r 8,13,16 --output eval.json
     rapid-hf evaluate --model ./calibrated --data-dir ./photos --subset report --methods none,rapid
+    rapid-hf evaluate --model ./clip --class-names imagenet_classes.txt --data-dir ./photos --methods none,tome
 
 Runs unchanged under `accelerate launch --num_processes N -m rapid_hf.cli evaluate ...` (same numbers as one
 process). Writes a JSON list of records (fields: `rapid_hf.evaluation.accuracy`, plus `settings_source` and
@@ -27,6 +28,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     common.add_precision_arguments(parser)
     common.add_device_arguments(parser)
     parser.add_argument("--output", default="eval.json", help="JSON path; the Markdown table goes next to it")
+    parser.add_argument(
+        "--class-names",
+        help="zero-shot classification with a CLIP model: a text file with one class name per line, in label order "
+        "(the dataset's labels index it)",
+    )
 
 
 def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -60,6 +66,8 @@ def evaluate(args: argparse.Namespace, accelerator: Any = None) -> list[dict[str
         label_column=args.label_column,
     )
     model = load_rapid_model(args.model, accelerator.device)
+    if args.class_names is not None:
+        model = zero_shot_model(model, args.model, args.class_names)
     processor = AutoImageProcessor.from_pretrained(args.model)
     rows = load_rows(spec)
     loader = make_dataloader(rows, processor, args.batch_size, args.num_workers, args.image_column, args.label_column)
@@ -80,6 +88,23 @@ def evaluate(args: argparse.Namespace, accelerator: Any = None) -> list[dict[str
         precision=args.precision,
     )
     return [{**record, **run_info()} for record in annotate_records(records, args.variant_rows)]
+
+
+def zero_shot_model(model: Any, name_or_path: str, class_names_path: str) -> Any:
+    """The CLIP checkpoint as a zero-shot classifier over the class names of the file (one per line)."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from rapid_hf.evaluation.zero_shot import ZeroShotClassifier
+    from rapid_hf.models.modeling_rapid_clip import RapidCLIPModel
+
+    if not isinstance(model, RapidCLIPModel):
+        raise ValueError(
+            f"--class-names needs a CLIP checkpoint (CLIPModel); {name_or_path!r} loads as {type(model).__name__}"
+        )
+    names = [line.strip() for line in Path(class_names_path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    return ZeroShotClassifier(model, AutoTokenizer.from_pretrained(name_or_path), names)
 
 
 def run(args: argparse.Namespace) -> None:

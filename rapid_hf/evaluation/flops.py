@@ -46,6 +46,8 @@ def vit_flops(
     steps: Sequence[LayerStep],
     num_protected: int = 1,
     num_heads: int = 1,
+    mlp_size: int | None = None,
+    head: int | None = None,
 ) -> FlopCount:
     """FLOPs per image of a ViT with `config` (a ViT/DeiT config) whose layers leave `token_counts` tokens.
 
@@ -57,7 +59,7 @@ def vit_flops(
             f"need one token count and one step per layer ({config.num_hidden_layers}), "
             f"got {len(token_counts)} and {len(steps)}"
         )
-    hidden, inner = config.hidden_size, config.intermediate_size
+    hidden, inner = config.hidden_size, mlp_size if mlp_size is not None else config.intermediate_size
     head_dim = hidden // config.num_attention_heads
     num_patches = (config.image_size // config.patch_size) ** 2
     embedding = 2 * num_patches * config.num_channels * config.patch_size**2 * hidden
@@ -75,17 +77,29 @@ def vit_flops(
         elif leaving < entering:
             reduction += 2 * ((entering + 1) // 2) * (entering // 2) * head_dim
         entering = leaving
-    head = 2 * num_heads * hidden * config.num_labels
+    head = 2 * num_heads * hidden * config.num_labels if head is None else head
     return FlopCount(embedding, projections, matmuls, mlp, reduction, head)
 
 
 def model_flops(model: Any, token_counts: Sequence[int]) -> FlopCount:
     """FLOPs per image of a Rapid model at its current setting, given the `token_counts` its forward reported."""
-    config = model.config
+    config = getattr(model.config, "encoder_config", model.config)  # CLIPModel: its vision config
     num_input_tokens = model.num_input_tokens
     steps = layer_steps(model.rapid, num_input_tokens, config.num_hidden_layers, model.num_protected_tokens)
-    num_heads = 2 if hasattr(model, "distillation_classifier") else 1
-    return vit_flops(config, token_counts, num_input_tokens, steps, model.num_protected_tokens, num_heads)
+    return vit_flops(
+        config, token_counts, num_input_tokens, steps, model.num_protected_tokens,
+        mlp_size=getattr(model.config, "mlp_size", None), head=head_flops(model),
+    )
+
+
+def head_flops(model: Any) -> int:
+    """FLOPs per image of the linear layers after the encoder: classifier(s), CLIP's projection, ViT's pooler."""
+    names = ("classifier", "cls_classifier", "distillation_classifier", "visual_projection")
+    linears = [getattr(model, name) for name in names if isinstance(getattr(model, name, None), torch.nn.Linear)]
+    pooler = getattr(getattr(model, "pooler", None), "dense", None)
+    if isinstance(pooler, torch.nn.Linear):
+        linears.append(pooler)
+    return sum(2 * linear.in_features * linear.out_features for linear in linears)
 
 
 def _cpu_flash_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:

@@ -6,29 +6,17 @@ import torch
 from transformers import AutoConfig
 
 from rapid_hf.models.encoder import RapidHeadMixin
-from rapid_hf.models.modeling_rapid import (
-    RapidDeiTForImageClassification,
-    RapidDeiTForImageClassificationWithTeacher,
-    RapidViTForImageClassification,
-)
 from rapid_hf.reduction.config import RapidConfig
 
 PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def rapid_class_for(name_or_path: str) -> type[RapidHeadMixin]:
-    """The Rapid class for a checkpoint, from its config's `model_type` and `architectures`."""
-    import rapid_hf  # noqa: F401  (registers rapid_vit / rapid_deit with AutoConfig)
+    """The Rapid class for a checkpoint, from its config's `model_type` and `architectures` (any family)."""
+    import rapid_hf  # noqa: F401  (registers the Rapid configs with AutoConfig)
+    from rapid_hf.models.auto import rapid_class_for_config
 
-    config = AutoConfig.from_pretrained(name_or_path)
-    if config.model_type in ("vit", "rapid_vit"):
-        return RapidViTForImageClassification
-    if config.model_type in ("deit", "rapid_deit"):
-        with_teacher = any("WithTeacher" in name for name in (config.architectures or []))
-        return RapidDeiTForImageClassificationWithTeacher if with_teacher else RapidDeiTForImageClassification
-    raise ValueError(
-        f"{name_or_path!r} is a {config.model_type!r} model; rapid_hf supports vit and deit image classifiers"
-    )
+    return rapid_class_for_config(AutoConfig.from_pretrained(name_or_path))
 
 
 def load_rapid_model(name_or_path: str, device: str | torch.device = "cpu") -> RapidHeadMixin:

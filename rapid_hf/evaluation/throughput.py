@@ -119,9 +119,10 @@ def benchmark(
         raise ValueError(f"warmup must be >= 0, got {warmup}")
     device = torch.device(device)
     model.to(device).eval()
-    config = model.config
+    config = getattr(model.config, "encoder_config", model.config)  # CLIPModel: its vision config
     generator = torch.Generator().manual_seed(seed)
-    shape = (batch_size, config.num_channels, config.image_size, config.image_size)
+    height, width = (config.image_size,) * 2 if isinstance(config.image_size, int) else config.image_size
+    shape = (batch_size, config.num_channels, height, width)
     pixel_values = torch.randn(shape, generator=generator).to(device)
     rows = _with_reference(variants)
     original = model.rapid

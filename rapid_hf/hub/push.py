@@ -16,12 +16,12 @@ from typing import Any
 from huggingface_hub import HfApi, get_token
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError, OfflineModeIsEnabled
 from huggingface_hub.utils import validate_repo_id
-from transformers import AutoImageProcessor
+from transformers import AutoImageProcessor, AutoTokenizer
 
 import rapid_hf
 from rapid_hf.evaluation.loading import rapid_class_for
 from rapid_hf.hub.model_card import CardInfo, build_model_card
-from rapid_hf.hub.remote_code import auto_map, write_remote_code
+from rapid_hf.hub.remote_code import auto_map, modules_for, write_remote_code
 from rapid_hf.hub.results import MeasuredResults, load_results
 
 CARD_FILES = ("README.md", "eval_results.json")
@@ -98,14 +98,16 @@ def build_repo_folder(
     _prepare_folder(folder, card_only)
     if not card_only:
         model = model_class.from_pretrained(str(model_id), rapid=info.rapid)
-        model.config.auto_map = auto_map(model_class.__name__, type(model.config).__name__)
+        model.config.auto_map = auto_map(model_class, type(model.config))
         model.save_pretrained(folder, safe_serialization=True)
         try:
             AutoImageProcessor.from_pretrained(str(model_id)).save_pretrained(folder)
         except (OSError, ValueError) as error:
             raise ValueError(f"model {str(model_id)!r} has no usable image processor config "
                              f"(preprocessor_config.json), which pipeline() needs: {error}") from error
-        write_remote_code(folder)
+        if "AutoModelForZeroShotImageClassification" in model.config.auto_map:  # CLIP: the pipeline needs text
+            AutoTokenizer.from_pretrained(str(model_id)).save_pretrained(folder)
+        write_remote_code(folder, modules_for(model_class))
     results_text = json.dumps(_results_json(results, info), indent=2) + "\n"
     (folder / "eval_results.json").write_text(results_text, encoding="utf-8")
     card.save(folder / "README.md")

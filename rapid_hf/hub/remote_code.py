@@ -110,14 +110,21 @@ def write_remote_code(folder: str | Path, modules: list[RemoteModule] | None = N
     return [module.filename for module in modules]
 
 
-def auto_map(model_class_name: str, config_class_name: str) -> dict[str, str]:
+def auto_map(model_class: type, config_class: type) -> dict[str, str]:
     """`config.json`'s `auto_map`: which shipped class the Auto classes load under `trust_remote_code=True`."""
+    from rapid_hf.models.auto import auto_class_names
+
     config_file = CONFIG_MODULE.rsplit(".", 1)[1]
-    modeling_file = MODELING_MODULE.rsplit(".", 1)[1]
+    modeling_file = model_class.__module__.rsplit(".", 1)[1]
     return {
-        "AutoConfig": f"{config_file}.{config_class_name}",
-        "AutoModelForImageClassification": f"{modeling_file}.{model_class_name}",
+        "AutoConfig": f"{config_file}.{config_class.__name__}",
+        **{auto: f"{modeling_file}.{model_class.__name__}" for auto in auto_class_names(model_class)},
     }
 
 
-__all__ = ["RemoteModule", "auto_map", "collect_modules", "rewrite_imports", "write_remote_code"]
+def modules_for(model_class: type) -> list[RemoteModule]:
+    """The shipped modules of a Rapid class: the import closure of the config module and its family's module."""
+    return collect_modules((CONFIG_MODULE, model_class.__module__))
+
+
+__all__ = ["RemoteModule", "auto_map", "collect_modules", "modules_for", "rewrite_imports", "write_remote_code"]
