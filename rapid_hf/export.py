@@ -1,0 +1,164 @@
+"""ONNX export of a Rapid image classifier with its reduction settings baked in, for ONNX Runtime.
+
+    from rapid_hf.export import export_onnx
+    export_onnx(model, "deit-rapid-r16.onnx", rapid=RapidConfig(method="rapid", r=16))
+
+The ONNX graph maps `pixel_values` (batch, channels, height, width; float32) to `logits` for one fixed input size
+and batch size: token reduction removes a fixed number of tokens per layer, so every shape in the graph is static
+and the ranking, gathering and merging become ordinary ONNX ops (TopK, GatherElements, ScatterND, ...). The file
+runs under `onnxruntime` alone (no rapid_hf, no PyTorch). Needs the optional extra: `pip install "rapid_hf[onnx]"`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from rapid_hf.models.configuration_rapid import as_rapid_config
+from rapid_hf.reduction.config import RapidConfig
+
+DEFAULT_OPSET = 18
+INPUT_NAME = "pixel_values"
+OUTPUT_NAME = "logits"
+METADATA_KEY = "rapid_hf"
+
+
+class LogitsForward(nn.Module):
+    """`model(pixel_values, rapid=settings).logits` as a module with one tensor in and one out (what exporters
+    trace). `interpolate_pos_encoding` is set when the input size is not the model's own."""
+
+    def __init__(self, model: nn.Module, rapid: RapidConfig, interpolate_pos_encoding: bool = False) -> None:
+        super().__init__()
+        self.model = model
+        self.rapid = rapid
+        self.interpolate_pos_encoding = interpolate_pos_encoding
+
+    def forward(self, pixel_values: Tensor) -> Tensor:
+        kwargs = {"interpolate_pos_encoding": True} if self.interpolate_pos_encoding else {}
+        return self.model(pixel_values=pixel_values, rapid=self.rapid, **kwargs).logits
+
+
+@contextlib.contextmanager
+def _no_materialised_full_mask() -> Iterator[None]:
+    """While exporting, keep the backbone's attention mask None when no mask is given, as in eager mode.
+
+    Under `torch.export`, transformers' `create_bidirectional_mask` materialises an all-true (tokens x tokens)
+    mask instead of returning None (it cannot inspect the mask's values while tracing). Token reduction shrinks
+    the sequence, so that fixed-size mask no longer broadcasts against the attention scores of later layers
+    (the export fails in `scaled_dot_product_attention`). An all-true mask masks nothing: returning None is the
+    same computation.
+    """
+    from rapid_hf.models import encoder
+
+    original = encoder.create_bidirectional_mask
+
+    def create_mask(*args: Any, **kwargs: Any) -> Tensor | None:
+        if kwargs.get("attention_mask") is None and len(args) < 3:
+            return None
+        return original(*args, **kwargs)
+
+    encoder.create_bidirectional_mask = create_mask
+    try:
+        yield
+    finally:
+        encoder.create_bidirectional_mask = original
+
+
+def _image_size(model: nn.Module, image_size: int | tuple[int, int] | None) -> tuple[tuple[int, int], bool]:
+    """(height, width) of the exported input, and whether it differs from the model's own size."""
+    config = getattr(getattr(model, "config", None), "encoder_config", None)
+    if config is None or not hasattr(config, "image_size"):
+        raise ValueError("model has no config.image_size: export_onnx needs a Rapid image classifier")
+    own = config.image_size
+    own = (own, own) if isinstance(own, int) else tuple(own)
+    if image_size is None:
+        return own, False
+    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    if len(size) != 2 or not all(isinstance(side, int) and side > 0 for side in size):
+        raise ValueError(f"image_size must be a positive int or (height, width), got {image_size!r}")
+    patch = config.patch_size if isinstance(config.patch_size, int) else config.patch_size[0]
+    if any(side % patch for side in size):
+        raise ValueError(f"image_size {size} must be a multiple of the patch size {patch}")
+    return size, size != own
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | Path,
+    image_size: int | tuple[int, int] | None = None,
+    rapid: RapidConfig | Mapping[str, Any] | None = None,
+    batch_size: int = 1,
+    opset: int = DEFAULT_OPSET,
+) -> Path:
+    """Write an ONNX model of `model` running `rapid` (default: the model's own `model.rapid`) on float32
+    inputs of shape (batch_size, channels, *image_size); returns the path.
+
+    `image_size` defaults to the model's own; another size interpolates the position embeddings. Input
+    `pixel_values`, output `logits`; the settings, input shape and package version are stored in the model's
+    metadata under "rapid_hf" (JSON). Raises ValueError for a model that is not a Rapid image classifier, bad
+    settings for it, or a bad size/batch/opset.
+    """
+    import rapid_hf
+
+    if not hasattr(model, "rapid") or not hasattr(model, "set_rapid"):
+        raise ValueError(f"model must be a Rapid model (rapid_hf.*For*), got {type(model).__name__}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset < DEFAULT_OPSET:
+        raise ValueError(f"opset must be an int >= {DEFAULT_OPSET}, got {opset!r}")
+    path = Path(path)
+    if path.suffix != ".onnx":
+        raise ValueError(f"path must end in .onnx, got {str(path)!r}")
+    settings = model.rapid if rapid is None else as_rapid_config(rapid)
+    (height, width), interpolate = _image_size(model, image_size)
+    encoder = model.config.encoder_config
+    patch = encoder.patch_size if isinstance(encoder.patch_size, int) else encoder.patch_size[0]
+    num_protected = model.config.num_protected_tokens
+    num_channels = encoder.num_channels
+    settings.validate_for_model(
+        num_layers=encoder.num_hidden_layers,
+        num_tokens=(height // patch) * (width // patch) + num_protected,
+        num_protected=num_protected,
+    )
+    was_training = model.training
+    model.eval()
+    wrapper = LogitsForward(model, settings, interpolate).eval()
+    example = torch.zeros(batch_size, num_channels, height, width, device=next(model.parameters()).device)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with _no_materialised_full_mask(), torch.inference_mode(False), torch.no_grad():
+            program = torch.onnx.export(
+                wrapper, (example,), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME], external_data=False, verbose=False, optimize=True,
+            )
+    finally:
+        model.train(was_training)
+    metadata = {
+        "rapid": settings.to_dict(),
+        "input_shape": [batch_size, num_channels, height, width],
+        "model_type": getattr(model.config, "model_type", None),
+        "rapid_hf_version": rapid_hf.__version__,
+    }
+    program.model.metadata_props[METADATA_KEY] = json.dumps(metadata)
+    program.save(str(path), external_data=False)
+    return path
+
+
+def onnx_metadata(path: str | Path) -> dict[str, Any]:
+    """The "rapid_hf" metadata `export_onnx` stored in an ONNX file (settings, input shape, version)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    for prop in model.metadata_props:
+        if prop.key == METADATA_KEY:
+            return json.loads(prop.value)
+    raise ValueError(f"{str(path)!r} has no {METADATA_KEY!r} metadata: not written by rapid_hf.export_onnx")
+
+
+__all__ = ["DEFAULT_OPSET", "INPUT_NAME", "OUTPUT_NAME", "LogitsForward", "export_onnx", "onnx_metadata"]
