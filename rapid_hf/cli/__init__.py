@@ -18,7 +18,7 @@ from types import ModuleType
 
 from rapid_hf.cli.common import HelpFormatter
 
-COMMANDS: tuple[str, ...] = ("evaluate", "benchmark", "sweep", "calibrate", "visualize", "push", "demo")
+COMMANDS: tuple[str, ...] = ("evaluate", "benchmark", "sweep", "calibrate", "visualize", "push", "demo", "export")
 
 
 def command_module(name: str) -> ModuleType:
