@@ -99,10 +99,16 @@ def add_model_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_device_arguments(parser: argparse.ArgumentParser) -> None:
+positive_int_list = comma_list(positive_int, "integers >= 1")
+
+
+def add_device_arguments(parser: argparse.ArgumentParser, thread_list: bool = False) -> None:
+    """--device and --threads; with `thread_list`, --threads takes a comma list (one run per thread count)."""
     parser.add_argument("--device", choices=["cpu", "cuda"], default=default_device(), help="where the model runs")
     parser.add_argument(
-        "--threads", type=positive_int, help="torch.set_num_threads (default: torch's); 1 on a busy shared CPU"
+        "--threads", type=positive_int_list if thread_list else positive_int,
+        help="torch.set_num_threads (default: torch's); 1 on a busy shared CPU"
+        + ("; a comma list, e.g. 1,2, measures each" if thread_list else ""),
     )
 
 
@@ -211,10 +217,15 @@ def resolve_rows(args: argparse.Namespace, parser: argparse.ArgumentParser) -> N
         parser.error(str(error))
 
 
-def add_precision_arguments(parser: argparse.ArgumentParser) -> None:
+def add_precision_arguments(parser: argparse.ArgumentParser, batch_list: bool = False) -> None:
+    """--batch-size and --precision; with `batch_list`, --batch-size takes a comma list (one run per size)."""
     from rapid_hf.evaluation.loading import PRECISIONS
 
-    parser.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass")
+    if batch_list:
+        parser.add_argument("--batch-size", type=positive_int_list, default=[64],
+                            help="images per forward pass; a comma list, e.g. 1,4,16,64, measures each (default: 64)")
+    else:
+        parser.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass")
     parser.add_argument("--precision", choices=list(PRECISIONS), default="fp32", help="autocast dtype (paper: fp16)")
 
 

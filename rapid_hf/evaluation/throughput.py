@@ -19,8 +19,11 @@ forward's wall time spent in the reduction steps, i.e. the method's own overhead
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,8 +64,32 @@ class ForwardProfile:
     forward_ms: float | None = None
 
 
+@contextlib.contextmanager
+def quiet_file_descriptors() -> Iterator[None]:
+    """Send this process's stdout and stderr (file descriptors 1 and 2) to the null device for the block.
+
+    `torch.profiler` on CPU prints lines such as `USDT ... profiler_start` from C++ straight to the descriptors,
+    past `sys.stdout`; a benchmark's output must hold only its results.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(AttributeError, ValueError):
+            stream.flush()
+    saved = [os.dup(1), os.dup(2)]
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for descriptor in (*saved, null):
+            os.close(descriptor)
+
+
 def profile_forward(forward: Callable[[], Any], device: torch.device) -> ForwardProfile:
-    """Run `forward()` once under the CUDA allocator's peak counter or, on CPU, under `torch.profiler`."""
+    """Run `forward()` once under the CUDA allocator's peak counter or, on CPU, under `torch.profiler` (its
+    console lines silenced)."""
     if device.type == "cuda":
         _synchronize(device)
         before = torch.cuda.memory_allocated(device)
@@ -72,7 +99,7 @@ def profile_forward(forward: Callable[[], Any], device: torch.device) -> Forward
         return ForwardProfile(torch.cuda.max_memory_allocated(device) - before)
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+    with quiet_file_descriptors(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
         start = time.perf_counter()
         forward()
         forward_ms = (time.perf_counter() - start) * 1e3
@@ -104,10 +131,13 @@ def benchmark(
     number: int = 1,
     timer: str = "wall",
     seed: int = 0,
+    measure_memory: bool = True,
+    progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Measure every variant (plus the unreduced baseline) on one synthetic batch; one record each.
 
     Each repeat times `number` forwards of every variant in turn; a variant's time is the median over repeats.
+    `measure_memory=False` skips the profiled forward (peak_memory_mb and reduction_share are then None).
     The model's own reduction setting is restored afterwards.
     """
     if timer not in TIMERS:
@@ -139,15 +169,16 @@ def benchmark(
             for _ in range(warmup):
                 forward()
             counted, token_counts = counted_flops(model, pixel_values[:2])
-            profiled = profile_forward(forward, device)
+            profiled = profile_forward(forward, device) if measure_memory else None
             measured[position] = {
                 "token_counts": token_counts,
                 "gflops": model_flops(model, token_counts).total / 1e9,
                 "gflops_counted": counted / 1e9,
-                "peak_memory_mb": profiled.peak_bytes / 2**20,
-                "reduction_share": None if profiled.forward_ms is None else profiled.reduction_ms / profiled.forward_ms,
+                "peak_memory_mb": None if profiled is None else profiled.peak_bytes / 2**20,
+                "reduction_share": None if profiled is None or profiled.forward_ms is None
+                else profiled.reduction_ms / profiled.forward_ms,
             }
-        for repeat in tqdm(range(repeats), desc="benchmark"):
+        for repeat in tqdm(range(repeats), desc=f"benchmark batch {batch_size}", disable=not progress):
             order = list(enumerate(rows))
             for position, variant in order if repeat % 2 == 0 else order[::-1]:  # alternate: no variant always last
                 model.set_rapid(variant.rapid)
@@ -188,4 +219,51 @@ def benchmark(
                 "reduction_share": measured[position]["reduction_share"],
             }
         )
+    return records
+
+
+def latency_grid(
+    model: Any,
+    variants: Sequence[Variant],
+    batch_sizes: Sequence[int] = (1, 4, 16, 64),
+    threads: Sequence[int] | None = (1, 2),
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+    warmup: int = 2,
+    repeats: int = 10,
+    number: int = 1,
+    timer: str = "wall",
+    seed: int = 0,
+    measure_memory: bool = True,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """`benchmark` at every (thread count, batch size): one record per variant and cell, thread-major.
+
+    Within a cell the variants are interleaved as in `benchmark`, so each record's `speedup` (over the unreduced
+    model in the same cell) sits beside its `flop_ratio`, and `speedup_over_flop_ratio` says how much of the FLOP
+    saving became time at that batch size. `threads=None` keeps torch's thread count; the count in force before
+    the call is restored afterwards.
+    """
+    batch_sizes, thread_counts = list(batch_sizes), None if threads is None else list(threads)
+    if not batch_sizes:
+        raise ValueError("batch_sizes is empty: give at least one batch size")
+    if thread_counts is not None and not thread_counts:
+        raise ValueError("threads is empty: give at least one thread count, or None for torch's")
+    for name, values in (("batch_sizes", batch_sizes), ("threads", thread_counts or [])):
+        bad = [value for value in values if isinstance(value, bool) or not isinstance(value, int) or value < 1]
+        if bad:
+            raise ValueError(f"{name} must hold integers >= 1, got {bad}")
+    original_threads = torch.get_num_threads()
+    records: list[dict[str, Any]] = []
+    try:
+        for thread_count in thread_counts or [original_threads]:
+            torch.set_num_threads(thread_count)
+            for batch_size in batch_sizes:
+                records += benchmark(
+                    model, variants, batch_size=batch_size, device=device, precision=precision, warmup=warmup,
+                    repeats=repeats, number=number, timer=timer, seed=seed, measure_memory=measure_memory,
+                    progress=progress,
+                )
+    finally:
+        torch.set_num_threads(original_threads)
     return records
