@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -16,7 +17,13 @@ from rapid_hf import (
 )
 from rapid_hf.evaluation.flops import counted_flops, model_flops, vit_flops
 from rapid_hf.evaluation.pareto import pareto_points, plot_pareto
-from rapid_hf.evaluation.throughput import benchmark, profile_forward, time_forward
+from rapid_hf.evaluation.throughput import (
+    benchmark,
+    latency_grid,
+    profile_forward,
+    quiet_file_descriptors,
+    time_forward,
+)
 from rapid_hf.evaluation.variants import grid_variants
 from rapid_hf.reduction.steps import LayerStep
 
@@ -167,3 +174,61 @@ def test_pareto_curves_join_rows_and_start_from_the_unreduced_model(tiny_bench, 
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="nothing to plot"):
         plot_pareto(accuracy, [], tmp_path / "empty.png")
+
+
+def test_latency_grid_measures_every_cell_with_its_own_baseline(tiny_vit):
+    before = torch.get_num_threads()
+    rows = grid_variants(["tome", "rapid"], [6])
+    records = latency_grid(tiny_vit, rows, batch_sizes=[1, 3], threads=[2, 1], warmup=0, repeats=2,
+                           measure_memory=False, progress=False)
+    assert torch.get_num_threads() == before  # restored
+    cells = [(r["num_threads"], r["batch_size"], r["label"]) for r in records]
+    assert cells == [(t, b, label) for t in (2, 1) for b in (1, 3) for label in ("none", "tome", "rapid")]
+    for start in range(0, len(records), 3):
+        none, *reduced = records[start:start + 3]
+        assert none["speedup"] == 1.0
+        for record in reduced:
+            assert record["speedup"] == pytest.approx(none["time_ms"] / record["time_ms"])
+            assert record["flop_ratio"] > 1 and record["peak_memory_mb"] is None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"batch_sizes": []}, "batch_sizes is empty"), ({"threads": []}, "threads is empty"),
+     ({"batch_sizes": [1, 0]}, "batch_sizes must hold"), ({"threads": [0]}, "threads must hold")],
+)
+def test_bad_latency_grids_are_refused(tiny_vit, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        latency_grid(tiny_vit, [], **kwargs)
+
+
+def test_quiet_file_descriptors_drops_writes_below_python(capfd):
+    with quiet_file_descriptors():
+        os.write(1, b"from C on stdout\n")
+        os.write(2, b"from C on stderr\n")
+    os.write(1, b"after\n")
+    captured = capfd.readouterr()
+    assert captured.out == "after\n" and captured.err == ""
+
+
+def test_latency_benchmark_command_prints_no_profiler_lines(tiny_vit, tmp_path, capfd):
+    tiny_vit.save_pretrained(tmp_path / "model")
+    output = tmp_path / "latency.json"
+    assert cli.main(["benchmark", "--model", str(tmp_path / "model"), "--methods", "none,tome", "--r", "6",
+                     "--batch-size", "1,2", "--threads", "1,2", "--repeats", "1", "--warmup", "0",
+                     "--device", "cpu", "--output", str(output)]) == 0
+    captured = capfd.readouterr()
+    assert "profiler" not in captured.out + captured.err and "USDT" not in captured.out + captured.err
+    records = json.loads(output.read_text())
+    assert [(r["num_threads"], r["batch_size"]) for r in records] == [(1, 1), (1, 1), (1, 2), (1, 2),
+                                                                       (2, 1), (2, 1), (2, 2), (2, 2)]
+    assert all(r["peak_memory_mb"] > 0 for r in records)
+    assert "| threads | batch | method |" in output.with_suffix(".md").read_text()
+
+
+def test_benchmark_command_refuses_bad_lists(tiny_vit, tmp_path):
+    tiny_vit.save_pretrained(tmp_path / "model")
+    for flags in (["--batch-size", "1,0"], ["--threads", "2,x"]):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["benchmark", "--model", str(tmp_path / "model"), *flags, "--output", str(tmp_path / "b.json")])
+        assert exit_info.value.code == 2
