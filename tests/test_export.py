@@ -140,7 +140,12 @@ def test_export_command_writes_a_verified_file(tiny_models, tmp_path, capsys):
 
 def test_export_command_refuses_r_without_reducing_method(tiny_models, tmp_path):
     folder = tmp_path / "tiny"
-    tiny_models["vit"].save_pretrained(folder)
+    model = tiny_models["vit"]
+    model.set_rapid(RapidConfig(method="none"))  # saved method none: --r alone has nothing to change
+    try:
+        model.save_pretrained(folder)
+    finally:
+        model.set_rapid(RapidConfig())
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["export", "--model", str(folder), "--r", "4", "--output", str(tmp_path / "x.onnx")])
     assert exit_info.value.code == 2
