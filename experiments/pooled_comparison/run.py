@@ -262,14 +262,18 @@ def markdown_table(records: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def counts(rows: dict[str, int]) -> str:
+    return " + ".join(f"{n} ({name})" for name, n in rows.items()) + f" = {sum(rows.values())}"
+
+
 def write_report(results: dict[str, Any], calibration: dict[str, Any]) -> None:
     lines = [
         "# Pooled comparison: every method on both dev sets, calibration photos held apart",
         "",
         f"Command: `{results['command']}`",
         "",
-        f"Report photos: {results['report_rows']} (index % 5 != 0 of each set); calibration photos: "
-        f"{calibration['calibration_rows']} (index % 5 == 0), both sets together. RAPID auto K = "
+        f"Report photos: {counts(results['report_rows'])} (index % 5 != 0 of each set); calibration photos: "
+        f"{counts(calibration['calibration_rows'])} (index % 5 == 0), both sets together. RAPID auto K = "
         f"{calibration['auto_switch_layer']}. Intervals: paired bootstrap (10,000 resamples) of the per-photo "
         "difference from ToMe at the same setting; an interval containing 0 is marked (tie).",
         "",
