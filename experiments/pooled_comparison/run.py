@@ -45,7 +45,7 @@ CRUCIAL_RATIO = 0.6
 # reading's knobs first (K, lambda, merge rule, tau), then the reading of rho (importance_mode) and rho. It starts
 # from K = 2, lambda = 10, MLERP (what the earlier search chose at r = 16 and 17 on the sample set's calibration
 # rows), and from ToMe when ToMe scores better. About 15 trials on 226 photos: less work than the earlier search
-# (about 60 trials on 100 photos), timed in calibration.json against it (previous_search_time.py).
+# (44 trials on 100 photos at r = 16), timed against it by search_time.py.
 START: dict[str, Any] = {"switch_layer": 2, "importance_weight": 10.0, "merge_mode": "mlerp"}
 SEARCH: dict[str, Any] = {
     "searched": ["switch_layer", "importance_weight", "merge_mode", "prune_threshold", "importance_mode",
