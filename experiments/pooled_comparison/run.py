@@ -359,6 +359,9 @@ def main() -> None:
         "per_set": per_set,
     }
     (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    # The pooled rows as harness records (what `rapid-hf push --results` reads for the model cards)
+    records = [{**record, "model": relative(args.model), "data_source": "imagefolder"} for record in pooled_records]
+    (HERE / "records.json").write_text(json.dumps(records, indent=2) + "\n")
     write_report(results, calibration)
 
 
