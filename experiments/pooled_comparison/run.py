@@ -361,7 +361,7 @@ def main() -> None:
     (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     # The pooled rows as harness records (what `rapid-hf push --results` reads for the model cards)
     records = [{**record, "model": relative(args.model), "data_source": "imagefolder"} for record in pooled_records]
-    (HERE / "records.json").write_text(json.dumps(records, indent=2) + "\n")
+    (HERE / "records.json").write_text(json.dumps({"command": command_line(), "records": records}, indent=2) + "\n")
     write_report(results, calibration)
 
 
