@@ -178,6 +178,9 @@ def test_shipped_model_cards_regenerate_byte_for_byte_on_a_fresh_clone(deit_tiny
     user's clone would be, and compare every generated file with the shipped one."""
     clone = tmp_path / "rapid_hf"
     shutil.copytree(REPO_ROOT / "results", clone / "results")
+    study = Path("experiments", "pooled_comparison")
+    (clone / study).mkdir(parents=True)
+    shutil.copy(REPO_ROOT / study / "records.json", clone / study)
     (clone / "model_cards").mkdir()
     shutil.copy(REPO_ROOT / "model_cards" / "COMMANDS.md", clone / "model_cards")
     (tmp_path / "shared").mkdir()

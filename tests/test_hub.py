@@ -37,7 +37,7 @@ from rapid_hf.hub import push
 from rapid_hf.hub.model_card import CardInfo, build_model_card, card_metrics
 from rapid_hf.hub.push import HubAccessError, build_repo_folder, check_repo_id, require_login, upload_folder
 from rapid_hf.hub.remote_code import collect_modules, rewrite_imports, write_remote_code
-from rapid_hf.hub.results import MeasuredResults, load_results, same_model
+from rapid_hf.hub.results import MeasuredResults, load_results, read_results_file, same_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RAPID16 = RapidConfig(method="rapid", r=16)
@@ -604,7 +604,8 @@ def test_shipped_cards_quote_exactly_their_measured_records():
         assert card_metrics(ModelCard.load(readme)) == {
             "accuracy": round(evaluation["top1"], 4), "top_5_accuracy": round(evaluation["top5"], 4),
             "output_tokens": evaluation["output_tokens"], "throughput_ratio": round(benchmark["speedup"], 4)}
-        shipped = [REPO_ROOT / "results" / source["file"] for source in quoted["sources"]]
-        records = [record for path in shipped if path.is_file() for record in json.loads(path.read_text())]
+        shipped = [REPO_ROOT / source["file"] for source in quoted["sources"]]  # paths as given, from the root
+        assert all(path.is_file() for path in shipped), shipped
+        records = [record for path in shipped for record in read_results_file(path).records]
         if records:  # the quoted records are, unchanged, records of the shipped results files
             assert evaluation in records and benchmark in records

@@ -7,6 +7,7 @@ attention kernels that cannot take proportional attention's float bias.
 
 from __future__ import annotations
 
+import copy
 import re
 
 import numpy as np
@@ -116,6 +117,17 @@ def test_float64_and_half_inputs_are_cast_to_the_model_dtype(model):
         assert torch.equal(model(pixel_values=channels_last).logits, expected)
         half = pixel_values.bfloat16()
         assert torch.equal(model(pixel_values=half).logits, model(pixel_values=half.float()).logits)
+
+
+def test_values_that_overflow_only_in_the_model_dtype_are_refused(model):
+    """A float32 7e4 is finite, but inf in a float16 model: refused, not turned into NaN logits."""
+    half = copy.deepcopy(model).to(torch.float16)
+    pixel_values = torch.randn(1, 3, 64, 64)
+    pixel_values[0, 0, 0, 0] = 7e4
+    with torch.no_grad():
+        assert torch.isfinite(model(pixel_values=pixel_values).logits).all()  # fine in float32
+        with pytest.raises(ValueError, match=r"overflow the model's dtype torch.float16 \(largest \|value\| 7e\+04"):
+            half(pixel_values=pixel_values)
 
 
 def num_tokens(model, height: int, width: int) -> int:

@@ -139,6 +139,15 @@ def add_data_arguments(
     )
 
 
+def add_class_names_argument(parser: argparse.ArgumentParser) -> None:
+    """Zero-shot classification of the evaluation photos with a CLIP model."""
+    parser.add_argument(
+        "--class-names",
+        help="zero-shot classification with a CLIP model: a text file with one class name per line, in label order "
+        "(the dataset's labels index it)",
+    )
+
+
 def check_data_dir(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """A missing --data-dir folder is a usage error, before any model is loaded."""
     data_dir = getattr(args, "data_dir", None)

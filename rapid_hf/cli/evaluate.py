@@ -28,11 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     common.add_precision_arguments(parser)
     common.add_device_arguments(parser)
     parser.add_argument("--output", default="eval.json", help="JSON path; the Markdown table goes next to it")
-    parser.add_argument(
-        "--class-names",
-        help="zero-shot classification with a CLIP model: a text file with one class name per line, in label order "
-        "(the dataset's labels index it)",
-    )
+    common.add_class_names_argument(parser)
 
 
 def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:

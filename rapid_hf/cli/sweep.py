@@ -21,6 +21,7 @@ HELP = "evaluate + benchmark one grid; tables and the accuracy/speed picture"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     common.add_model_argument(parser)
     common.add_data_arguments(parser)
+    common.add_class_names_argument(parser)
     common.add_variant_arguments(parser)
     common.add_precision_arguments(parser)
     common.add_device_arguments(parser)

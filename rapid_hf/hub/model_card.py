@@ -33,7 +33,7 @@ METHOD_TEXT: dict[str, tuple[str, str]] = {
     "rapid": ("RAPID", "redundancy-aware pruning in the shallow layers, then merging of unimportant tokens (guided by "
                        "the attention of the CLS token) in the deep layers."),
     "tome": ("ToMe", "bipartite merging of the most similar tokens in every layer (size-weighted average)."),
-    "tofu": ("ToFu", "pruning of the most similar tokens in the first half of the layers, then norm-preserving "
+    "tofu": ("ToFu", "pruning of the most similar tokens in layers 0..L//2, then norm-preserving "
                      "(MLERP) merging."),
     "crucial": ("crucial-token merging", "the least important tokens (by the attention of the CLS token) are merged "
                                          "into the most important, crucial, ones."),

@@ -71,7 +71,7 @@ def _results_json(results: MeasuredResults, info: CardInfo) -> dict[str, Any]:
         "evaluation": results.evaluation,
         "benchmark": results.benchmark,
         "reference": results.reference,
-        "sources": [{"file": source.path.name, "command": source.command} for source in results.sources],
+        "sources": [{"file": source.path.as_posix(), "command": source.command} for source in results.sources],
     }
 
 

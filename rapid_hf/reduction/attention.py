@@ -24,7 +24,9 @@ def cls_attention(query: Tensor, keys: Tensor, scaling: float, bias: Tensor | No
     `query` and `keys` are `(B, heads, N, d)`. The row is a broadcast multiply-and-sum, not a matmul: `keys` is
     a transposed view, which a matmul would first copy (on CPU 2-3x slower for this one row).
     """
-    logits = (keys * query[:, :, :1]).sum(dim=-1, dtype=torch.float32) * scaling
+    products = keys * query[:, :, :1]
+    summed = products.sum(dim=-1) if products.dtype == torch.float32 else products.sum(dim=-1, dtype=torch.float32)
+    logits = summed * scaling
     if bias is not None:
         logits = logits + bias[:, :, 0].float()
     return logits.softmax(dim=-1).mean(dim=1)

@@ -41,8 +41,10 @@ def matching_metric(keys: Tensor) -> Tensor:
     order, and a half-precision model would reduce different tokens than its float32 twin (see
     results/robustness.md). The metric is small (one head-averaged key per token), so this costs little.
     """
-    metric = keys.mean(dim=1, dtype=torch.promote_types(keys.dtype, torch.float32))
-    return metric / metric.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(metric.dtype).tiny)
+    per_token = keys.transpose(1, 2)  # (B, N, heads, d): the layout the key projection wrote, so a cheap reduce
+    dtype = torch.promote_types(keys.dtype, torch.float32)
+    metric = per_token.mean(dim=2) if keys.dtype == dtype else per_token.mean(dim=2, dtype=dtype)
+    return metric / metric.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
 
 
 def bipartite_similarity(metric: Tensor, num_protected: int) -> Tensor:
@@ -51,7 +53,8 @@ def bipartite_similarity(metric: Tensor, num_protected: int) -> Tensor:
     sources, destinations = metric[:, 0::2], metric[:, 1::2]
     scores = sources @ destinations.transpose(-1, -2)
     scores[:, : protected_source_rows(num_protected), :] = -torch.inf
-    scores[:, :, : protected_destination_columns(num_protected)] = -torch.inf
+    if num_protected > 1:
+        scores[:, :, : protected_destination_columns(num_protected)] = -torch.inf
     return scores
 
 

@@ -26,6 +26,8 @@ def gather_tokens(tokens: Tensor, index: Tensor) -> Tensor:
     index expanded over the channels (the hot spot of every reduction step), and the same values.
     """
     batch, num_tokens = tokens.shape[:2]
+    if batch == 1:  # no batch offsets to add (saves two small ops per gather at batch 1)
+        return tokens[0].index_select(0, index[0]).unsqueeze(0)
     offsets = torch.arange(0, batch * num_tokens, num_tokens, device=index.device).unsqueeze(1)
     rows = tokens.reshape(batch * num_tokens, -1).index_select(0, (index + offsets).flatten())
     return rows.view(*index.shape, tokens.shape[-1])
@@ -80,18 +82,26 @@ class ReductionPlan(PlanIndices):
         protected = torch.stack([kept[:, :num_destinations], destinations[:, :num_destinations]], dim=2)
         return torch.cat([protected.flatten(1, 2), kept[:, num_destinations:], destinations[:, num_destinations:]], 1)
 
+    def output_tokens(self, num_tokens: int) -> Tensor:
+        """`(B, N - r)`: the input index of each token the step outputs, in output order."""
+        destinations = torch.arange(1, num_tokens, 2, device=self.kept.device).expand(self.kept.shape[0], -1)
+        return self.assemble(2 * self.kept, destinations)
+
+    @property
+    def merge_positions(self) -> Tensor:
+        """`(B, r)`: where each removed source's destination sits in the output (destinations follow the kept
+        sources; protected destinations, moved to the front, never receive merges)."""
+        return self.destinations + self.kept.shape[1]
+
     def sum_into_destinations(self, tokens: Tensor) -> Tensor:
         """Apply the plan to `(B, N, C)` tokens, adding each merged source into its destination.
 
         For a pruning plan the removed sources are simply dropped. Used for sizes and source maps.
         """
-        if self.destinations is None:  # one row copy: the kept sources and every destination, in output order
-            destinations = torch.arange(1, tokens.shape[1], 2, device=tokens.device).expand(tokens.shape[0], -1)
-            return gather_tokens(tokens, self.assemble(2 * self.kept, destinations))
-        destinations = tokens[:, 1::2].scatter_add(
-            1, expand_index(self.destinations, tokens), gather_sources(tokens, self.removed)
-        )
-        return self.assemble(gather_sources(tokens, self.kept), destinations)
+        output = gather_tokens(tokens, self.output_tokens(tokens.shape[1]))  # one row copy, in output order
+        if self.destinations is None:
+            return output
+        return output.scatter_add(1, expand_index(self.merge_positions, tokens), gather_sources(tokens, self.removed))
 
 
 @dataclass(frozen=True)
@@ -146,11 +156,13 @@ def apply_plan(
         kept, removed = gather_tokens(hidden, plan.kept), gather_tokens(hidden, plan.removed)
         kept_sizes, removed_sizes = gather_tokens(sizes, plan.kept), gather_tokens(sizes, plan.removed)
         return merge_weighted(kept, kept_sizes, removed, removed_sizes, plan.destinations, mode)
-    destination_sizes, destinations = sizes[:, 1::2], hidden[:, 1::2]
+    # One gather of the output tokens (kept sources and destinations, in output order), then the merge into the
+    # destinations' positions: the kept sources take part with weight size/size = 1, exactly unchanged.
+    output = plan.output_tokens(hidden.shape[1])
     removed, removed_sizes = gather_sources(hidden, plan.removed), gather_sources(sizes, plan.removed)
-    merged, totals = merge_weighted(destinations, destination_sizes, removed, removed_sizes, plan.destinations, mode)
-    kept_sizes = gather_sources(sizes, plan.kept)
-    return plan.assemble(gather_sources(hidden, plan.kept), merged), plan.assemble(kept_sizes, totals)
+    return merge_weighted(
+        gather_tokens(hidden, output), gather_tokens(sizes, output), removed, removed_sizes, plan.merge_positions, mode
+    )
 
 
 def merge_weighted(
