@@ -13,8 +13,9 @@ batch_size, device, precision, num_threads, timer, repeats, throughput (images/s
 time_ms_iqr ([q25, q75]), speedup (throughput / unreduced throughput in this run), gflops (per image, analytic
 from the token counts), gflops_counted (`torch.utils.flop_counter` on a real forward), flop_ratio (unreduced
 GFLOPs / these), speedup_over_flop_ratio, peak_memory_mb (tensors allocated during one forward beyond weights
-and input; CUDA allocator or CPU profiler), reduction_share (CPU only, else None: the fraction of one profiled
-forward's wall time spent in the reduction steps, i.e. the method's own overhead).
+and input; CUDA allocator or CPU profiler; None with `measure_memory=False`), reduction_share (CPU only,
+else None: the fraction of one profiled forward's wall time spent in the reduction steps, i.e. the method's
+own overhead). `latency_grid` runs `benchmark` at every (thread count, batch size) of a grid.
 """
 
 from __future__ import annotations
