@@ -50,6 +50,7 @@ REPEATS = {
 WARMUP = {1: 3, 4: 1, 16: 0, 64: 0}
 # Left out to keep the whole run under ~25 minutes on a shared 2-core CPU: ViT-B at batch 64 on one thread
 # (nine rows of ~2 TFLOPs per forward, ~10 minutes for a single timed round); it is measured on two threads.
+COST = {"deit-tiny": 1.0, "deit-small (random weights)": 3.7, "vit-base (random weights)": 14.0}  # GFLOPs vs Tiny
 SKIPPED = {("vit-base (random weights)", 1, 64)}
 
 
@@ -77,7 +78,7 @@ def markdown(records: list[dict], command: str) -> str:
                 cell = {f"{r['label']} r={r['r']}": r for r in rows
                         if r["num_threads"] == threads and r["batch_size"] == batch}
                 if not cell:
-                    lines.append(f"| {threads} | {batch} | not measured (see SKIPPED in run.py) |")
+                    lines.append(f"| {threads} | {batch} | not measured (see README: skipped or past the time limit) |")
                     continue
                 none = cell[next(label for label, r in cell.items() if r["method"] == "none")]
                 lines.append(f"| {threads} | {batch} | {none['repeats']} | {none['time_ms']:.1f} | " + " | ".join(
@@ -109,27 +110,29 @@ def main() -> None:
     rows = grid_variants(METHODS, R_VALUES)
     records: list[dict] = []
     started = time.perf_counter()
-    for name in args.models:
-        model = build_model(name, assets)
-        for threads in args.threads:
-            for batch in args.batch_sizes:
-                if (name, threads, batch) in SKIPPED:
-                    print(f"{name} threads {threads} batch {batch}: skipped (see SKIPPED)", flush=True)
-                    continue
-                repeats = max(1, round(REPEATS[name][batch] * args.repeat_scale))
-                cell_start = time.perf_counter()
-                cell = latency_grid(model, rows, batch_sizes=[batch], threads=[threads], warmup=WARMUP[batch],
-                                    repeats=repeats, progress=False)
-                records += [{"model": name, **run_info(), **record} for record in cell]
-                summary = ", ".join(f"{r['label']}{r['r'] or ''} {r['speedup']:.2f}/{r['flop_ratio']:.2f}"
-                                    for r in cell[1:])
-                print(f"{name} threads {threads} batch {batch}: none {cell[0]['time_ms']:.1f} ms; {summary} "
-                      f"({time.perf_counter() - cell_start:.0f} s)", flush=True)
     command = "RAPID_HF_ASSETS=../shared/assets python experiments/latency/run.py " + " ".join(sys.argv[1:])
     output = Path(args.output)
-    output.write_text(json.dumps({"command": command, "seconds": time.perf_counter() - started,
-                                  "records": records}, indent=2) + "\n")
-    output.with_suffix(".md").write_text(markdown(records, command.strip()))
+    # Cheapest cells first (DeiT-Tiny's whole grid, then the others by GFLOPs per batch), and the records are
+    # rewritten after every cell: a run stopped at a time limit keeps every cell it finished.
+    cells = [(name, threads, batch) for name in args.models for threads in args.threads for batch in args.batch_sizes
+             if (name, threads, batch) not in SKIPPED]
+    cells.sort(key=lambda cell: (cell[0] != "deit-tiny", COST[cell[0]] * cell[2], cell[1]))
+    models: dict[str, RapidViTForImageClassification] = {}
+    for name, threads, batch in cells:
+        if name not in models:
+            models[name] = build_model(name, assets)
+        repeats = max(1, round(REPEATS[name][batch] * args.repeat_scale))
+        cell_start = time.perf_counter()
+        cell = latency_grid(models[name], rows, batch_sizes=[batch], threads=[threads], warmup=WARMUP[batch],
+                            repeats=repeats, progress=False)
+        records += [{"model": name, **run_info(), **record} for record in cell]
+        summary = ", ".join(f"{r['label']}{r['r'] or ''} {r['speedup']:.2f}/{r['flop_ratio']:.2f}" for r in cell[1:])
+        print(f"{name} threads {threads} batch {batch}: none {cell[0]['time_ms']:.1f} ms; {summary} "
+              f"({time.perf_counter() - cell_start:.0f} s)", flush=True)
+        ordered = sorted(records, key=lambda r: (list(REPEATS).index(r["model"]), r["num_threads"], r["batch_size"]))
+        output.write_text(json.dumps({"command": command, "seconds": time.perf_counter() - started,
+                                      "records": ordered}, indent=2) + "\n")
+        output.with_suffix(".md").write_text(markdown(ordered, command.strip()))
     print(f"wrote {output} ({time.perf_counter() - started:.0f} s)")
 
 
