@@ -20,6 +20,7 @@ from typing import Any
 
 CONFIGURATION_AUTO = "transformers.models.auto.configuration_auto"
 MODELING_AUTO = "transformers.models.auto.modeling_auto"
+MODELS_PACKAGE = "rapid_hf.models"
 CONFIGURATION_MODULE = "rapid_hf.models.configuration_rapid"
 FAMILY_MODULES: tuple[str, ...] = (
     "rapid_hf.models.modeling_rapid",
@@ -63,28 +64,31 @@ class _RunAfterLoading(importlib.abc.Loader):
 
 
 class RegisterAfterTransformersLoads(importlib.abc.MetaPathFinder):
-    """Finds nothing itself: wraps the loaders of transformers' Auto modules so registration follows them.
+    """Finds nothing itself: registers the Rapid modules once transformers' Auto modules have run.
 
-    Registration imports the Rapid modules once `modeling_auto` has run (`configuration_auto` alone pulls
-    `modeling_auto` in, since transformers' config classes need it). If another module is half imported at that
-    moment (e.g. a Rapid module whose own import loaded transformers, or transformers' own import cycles), the
-    Rapid modules are imported at the next import that is not nested in one; a Rapid module registers its own
-    classes when imported.
+    `configuration_auto` pulls `modeling_auto` in (transformers' config classes need it); once `modeling_auto`
+    has run, registration imports the Rapid modules, unless another module is half imported at that moment (a
+    Rapid module whose own import loaded transformers, or transformers' own import cycles). Then it registers right
+    after the first of those imports returns, or after the next import (never before a module exists, so no module
+    runs twice).
     """
 
     def __init__(self) -> None:
         self.pending = False
-        self.finished: set[str] = set()  # Auto modules whose code has run (their import is returning)
+        self.finished: set[str] = set()  # modules whose code has run (their import is returning)
 
     def find_spec(self, fullname: str, path: Any, target: ModuleType | None = None):
         actions = {CONFIGURATION_AUTO: self._after_configuration_auto, MODELING_AUTO: self._after_modeling_auto}
-        if fullname not in actions:
-            if self.pending:
-                self._register()
+        # transformers' and the Rapid modules are followed from the start: the import that loads the Auto modules
+        # may be nested in one of them (`from transformers import pipeline`, importing a Rapid module directly).
+        followed = fullname.startswith(("transformers.", f"{MODELS_PACKAGE}."))
+        if fullname not in actions and not self.pending and not followed:
             return None
         spec = importlib.machinery.PathFinder.find_spec(fullname, path, target)
-        if spec is not None and spec.loader is not None:
-            spec.loader = _RunAfterLoading(spec.loader, actions[fullname])
+        if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            spec.loader = _RunAfterLoading(spec.loader, actions.get(fullname, lambda: self._register(fullname)))
+        elif fullname not in actions:  # a module no loader of ours can follow (builtin, frozen, ...): now
+            self._register(fullname)
         return spec
 
     def _after_configuration_auto(self) -> None:
@@ -95,12 +99,12 @@ class RegisterAfterTransformersLoads(importlib.abc.MetaPathFinder):
             self.pending = True
 
     def _after_modeling_auto(self) -> None:
-        self.finished.add(MODELING_AUTO)
         self.pending = True
-        self._register()
+        self._register(MODELING_AUTO)
 
-    def _register(self) -> None:
-        if modules_initializing(self.finished):
+    def _register(self, finished: str) -> None:
+        self.finished.add(finished)
+        if not self.pending or modules_initializing(self.finished):
             return
         self.pending = False
         uninstall()

@@ -342,3 +342,17 @@ def test_two_processes_give_the_numbers_of_one(tiny_model_dir, tiny_images_dir, 
         for name in ("one.json", "two.json")
     )
     assert one == two and one[0]["n_samples"] == NUM_IMAGES
+
+
+def test_a_flat_imagefolder_keeps_its_labels_whatever_its_file_names(tmp_path):
+    """File names like `..._val_...` must not turn the folder into a "validation" split without its labels."""
+    from PIL import Image
+
+    from rapid_hf.evaluation.data import DataSpec, load_rows
+
+    names = [f"ILSVRC2012_val_{i:08d}.JPEG" for i in range(5)]
+    for name in names:
+        Image.new("RGB", (8, 8)).save(tmp_path / name, format="JPEG")
+    (tmp_path / "metadata.csv").write_text("file_name,label\n" + "".join(f"{n},{i}\n" for i, n in enumerate(names)))
+    rows = load_rows(DataSpec(data_dir=str(tmp_path)))
+    assert sorted(rows[i]["label"] for i in range(len(rows))) == [0, 1, 2, 3, 4]

@@ -62,3 +62,17 @@ def test_import_rapid_hf_registers_the_config_for_autoconfig_alone(saved_model):
         f"print(type(AutoConfig.from_pretrained({str(saved_model)!r})).__name__)"
     )
     assert run_python(code) == "RapidViTConfig"
+
+
+def test_importing_stock_classes_after_rapid_hf_keeps_one_copy_of_each_module():
+    """Registration runs only after a module has run, so the stock classes the user imports are the ones the Rapid
+    classes subclass."""
+    code = (
+        "import rapid_hf\nfrom transformers import ViTConfig, ViTForImageClassification\n"
+        "from rapid_hf import RapidViTForImageClassification, get_rapid_model\n"
+        "config = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,"
+        " image_size=32, patch_size=8)\n"
+        "model = get_rapid_model(ViTForImageClassification(config))\n"
+        "print(issubclass(RapidViTForImageClassification, ViTForImageClassification), type(model).__name__)"
+    )
+    assert run_python(code) == "True RapidViTForImageClassification"

@@ -361,3 +361,16 @@ def test_get_rapid_model_on_real_deit_tiny_keeps_logits(reference_model, dev_pix
         expected = reference_model(pixel_values=dev_pixel_values[:2]).logits
         get_rapid_model(model)
         assert torch.equal(model(pixel_values=dev_pixel_values[:2]).logits, expected)
+
+
+def test_return_dict_false_gives_the_stock_tuple_with_reduction_on():
+    stock, model = small_stock(), small_rapid()
+    for options in ({}, {"output_hidden_states": True}):
+        with torch.no_grad():
+            expected = stock(pixel_values=pixels(), return_dict=False, **options)
+            output = model(pixel_values=pixels(), return_dict=False, rapid=SETTINGS["tome"], **options)
+        assert isinstance(output, tuple) and len(output) == len(expected)
+        assert output[0].shape == expected[0].shape
+    with torch.no_grad():
+        full = model(pixel_values=pixels(), rapid=SETTINGS["tome"])
+    assert full[0] is full.logits and full.token_counts[-1] < 65  # reduction fields stay attributes

@@ -110,8 +110,11 @@ def load_rows(spec: DataSpec) -> IndexedRows | StreamedRows:
 
     if spec.dataset is not None:
         source: dict[str, Any] = {"path": spec.dataset}
-    else:
+    elif any(child.is_dir() for child in Path(spec.data_dir).iterdir()):  # split subfolders (train/, validation/)
         source = {"path": "imagefolder", "data_dir": spec.data_dir}
+    else:  # a flat folder is one split whatever its file names say (`datasets` would take a split from names
+        # like `..._val_...` and then drop metadata.csv, i.e. the labels)
+        source = {"path": "imagefolder", "data_files": {spec.resolved_split: str(Path(spec.data_dir) / "*")}}
     dataset = datasets.load_dataset(**source, split=spec.resolved_split, streaming=spec.streaming)
     _check_columns(dataset.column_names, spec)
     if spec.streaming:

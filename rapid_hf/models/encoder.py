@@ -21,7 +21,7 @@ from transformers.utils.output_capturing import capture_outputs
 
 from rapid_hf.models.configuration_rapid import as_pair, as_rapid_config
 from rapid_hf.models.layers import swap_module_classes
-from rapid_hf.models.outputs import RapidModelOutput
+from rapid_hf.models.outputs import RapidImageClassifierOutput, RapidModelOutput, reduction_fields
 from rapid_hf.reduction.config import RapidConfig
 from rapid_hf.reduction.steps import layer_steps
 from rapid_hf.reduction.tracing import (
@@ -359,4 +359,18 @@ class RapidHeadMixin(RapidSettingsMixin):
             output_sources=output_sources,
             output_dense=output_dense,
             **kwargs,
+        )
+
+    def classifier_output(
+        self, outputs: RapidModelOutput, logits: Tensor, labels: Tensor | None
+    ) -> RapidImageClassifierOutput:
+        """A classifier head's output: the stock loss on `logits`, the backbone's hidden states, attentions and
+        reduction fields."""
+        loss = None if labels is None else self.loss_function(labels, logits, self.config)
+        return RapidImageClassifierOutput(
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            **reduction_fields(outputs),
         )

@@ -113,15 +113,7 @@ class _RapidSingleHeadMixin(RapidHeadMixin):
         outputs = self.encode(
             pixel_values, interpolate_pos_encoding, attention_mask, rapid, output_sources, output_dense, **kwargs
         )
-        logits = self.classifier(outputs.last_hidden_state[:, 0, :])
-        loss = None if labels is None else self.loss_function(labels, logits, self.config)
-        return RapidImageClassifierOutput(
-            loss=loss,
-            logits=logits,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            **reduction_fields(outputs),
-        )
+        return self.classifier_output(outputs, self.classifier(outputs.last_hidden_state[:, 0, :]), labels)
 
 
 class RapidViTForImageClassification(_RapidSingleHeadMixin, ViTForImageClassification):

@@ -37,7 +37,7 @@ from transformers.utils.generic import can_return_tuple
 from rapid_hf.models.configuration_rapid import RapidDinov2Config, RapidDinov2WithRegistersConfig
 from rapid_hf.models.encoder import RapidHeadMixin, ReducedBackboneMixin
 from rapid_hf.models.layers import ReducingAttentionMixin, ReducingLayerMixin, inherit_checkpoint_conversions
-from rapid_hf.models.outputs import RapidImageClassifierOutput, reduction_fields
+from rapid_hf.models.outputs import RapidImageClassifierOutput
 from rapid_hf.reduction.config import RapidConfig
 
 
@@ -145,14 +145,7 @@ class _Dinov2ClassifierMixin(RapidHeadMixin):
         outputs = self.encode(pixel_values, None, attention_mask, rapid, output_sources, output_dense, **kwargs)
         cls_token = outputs.last_hidden_state[:, 0]
         logits = self.classifier(torch.cat([cls_token, self.pooled_patch_mean(outputs)], dim=1))
-        loss = None if labels is None else self.loss_function(labels, logits, self.config)
-        return RapidImageClassifierOutput(
-            loss=loss,
-            logits=logits,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            **reduction_fields(outputs),
-        )
+        return self.classifier_output(outputs, logits, labels)
 
 
 class RapidDinov2ForImageClassification(_Dinov2ClassifierMixin, Dinov2ForImageClassification):

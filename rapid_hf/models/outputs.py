@@ -24,6 +24,9 @@ class ReductionFields:
     dense_features: `(batch, P, hidden)` each patch's output-token feature (zeros where pruned), for dense heads.
 
     With either: pruned_at: `(batch, P)` long, the layer whose reduction pruned each patch; -1 if never pruned.
+
+    These fields are attributes only: `to_tuple()` (what `return_dict=False` returns, and integer indexing) holds
+    exactly the fields of the transformers output, in its order, so tuple-unpacking code works unchanged.
     """
 
     token_counts: tuple[int, ...] | None = None
@@ -32,6 +35,10 @@ class ReductionFields:
     pruned_at: torch.LongTensor | None = None
     layer_sources: tuple[torch.BoolTensor, ...] | None = None
     dense_features: torch.FloatTensor | None = None
+
+    def to_tuple(self) -> tuple:
+        """The transformers output's tuple: every field that is set, except the reduction fields."""
+        return tuple(value for key, value in self.items() if key not in REDUCTION_FIELDS)
 
 
 REDUCTION_FIELDS: tuple[str, ...] = tuple(ReductionFields.__dataclass_fields__)
