@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="rapid-hf",
-        description="Training-free token reduction (RAPID, ToMe, ToFu) for Hugging Face ViT/DeiT classifiers.",
+        description="Training-free token reduction (RAPID, ToMe, ToFu, crucial merging) for Hugging Face ViT, DeiT, "
+        "DINOv2 and CLIP vision encoders.",
         epilog="`rapid-hf COMMAND --help` shows a command's flags and their defaults.",
         formatter_class=HelpFormatter,
     )
