@@ -11,9 +11,8 @@ runs under `onnxruntime` alone (no rapid_hf, no PyTorch). Needs the optional ext
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -42,32 +41,6 @@ class LogitsForward(nn.Module):
     def forward(self, pixel_values: Tensor) -> Tensor:
         kwargs = {"interpolate_pos_encoding": True} if self.interpolate_pos_encoding else {}
         return self.model(pixel_values=pixel_values, rapid=self.rapid, **kwargs).logits
-
-
-@contextlib.contextmanager
-def _no_materialised_full_mask() -> Iterator[None]:
-    """While exporting, keep the backbone's attention mask None when no mask is given, as in eager mode.
-
-    Under `torch.export`, transformers' `create_bidirectional_mask` materialises an all-true (tokens x tokens)
-    mask instead of returning None (it cannot inspect the mask's values while tracing). Token reduction shrinks
-    the sequence, so that fixed-size mask no longer broadcasts against the attention scores of later layers
-    (the export fails in `scaled_dot_product_attention`). An all-true mask masks nothing: returning None is the
-    same computation.
-    """
-    from rapid_hf.models import encoder
-
-    original = encoder.create_bidirectional_mask
-
-    def create_mask(*args: Any, **kwargs: Any) -> Tensor | None:
-        if kwargs.get("attention_mask") is None and len(args) < 3:
-            return None
-        return original(*args, **kwargs)
-
-    encoder.create_bidirectional_mask = create_mask
-    try:
-        yield
-    finally:
-        encoder.create_bidirectional_mask = original
 
 
 def _image_size(model: nn.Module, image_size: int | tuple[int, int] | None) -> tuple[tuple[int, int], bool]:
@@ -132,7 +105,7 @@ def export_onnx(
     example = torch.zeros(batch_size, num_channels, height, width, device=next(model.parameters()).device)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with _no_materialised_full_mask(), torch.inference_mode(False), torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad():
             program = torch.onnx.export(
                 wrapper, (example,), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
                 output_names=[OUTPUT_NAME], external_data=False, verbose=False, optimize=True,

@@ -259,9 +259,12 @@ class ReducedBackboneMixin(RapidSettingsMixin):
             dtype=self.embedding_dtype,
         )
         hidden = self.embed(pixel_values, bool_masked_pos, bool(interpolate_pos_encoding))
-        attention_mask = create_bidirectional_mask(
-            config=self.config, inputs_embeds=hidden, attention_mask=attention_mask
-        )
+        # No mask given means none: under torch.export transformers would build an all-true (N x N) mask, which
+        # masks nothing and no longer fits once layers remove tokens.
+        if attention_mask is not None:
+            attention_mask = create_bidirectional_mask(
+                config=self.config, inputs_embeds=hidden, attention_mask=attention_mask
+            )
 
         layers = self.reducing_layers
         num_protected = self.num_protected_tokens

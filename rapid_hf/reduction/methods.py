@@ -157,8 +157,13 @@ def crucial_merge_plan(
     destination = crucial.gather(1, best_crucial.gather(1, leaving))
 
     keep = torch.ones(metric.shape[:2], dtype=torch.bool, device=metric.device).scatter(1, removed, False)
-    kept = torch.arange(metric.shape[1], device=metric.device).expand_as(keep)[keep].view(keep.shape[0], -1)
+    # Kept tokens in ascending order, found with fixed shapes (exports): each goes to its position among the kept,
+    # the removed ones to one spare slot that is cut off.
     position_in_kept = keep.long().cumsum(dim=-1) - 1
+    num_kept = metric.shape[1] - removed.shape[1]
+    slot = torch.where(keep, position_in_kept, num_kept)
+    index = torch.arange(metric.shape[1], device=metric.device).expand_as(keep)
+    kept = index.new_zeros(keep.shape[0], num_kept + 1).scatter(1, slot, index)[:, :num_kept]
     return SelectionPlan(
         kept=kept,
         removed=removed,
