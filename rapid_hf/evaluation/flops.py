@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from rapid_hf.reduction.config import RapidConfig
 from rapid_hf.reduction.matching import removal_cap
 from rapid_hf.reduction.methods import crucial_count
 from rapid_hf.reduction.steps import LayerStep, layer_steps
@@ -81,11 +82,13 @@ def vit_flops(
     return FlopCount(embedding, projections, matmuls, mlp, reduction, head)
 
 
-def model_flops(model: Any, token_counts: Sequence[int]) -> FlopCount:
-    """FLOPs per image of a Rapid model at its current setting, given the `token_counts` its forward reported."""
+def model_flops(model: Any, token_counts: Sequence[int], rapid: RapidConfig | None = None) -> FlopCount:
+    """FLOPs per image of a Rapid model running `rapid` (default: its own settings), given the `token_counts` its
+    forward reported."""
     config = getattr(model.config, "encoder_config", model.config)  # CLIPModel: its vision config
     num_input_tokens = model.num_input_tokens
-    steps = layer_steps(model.rapid, num_input_tokens, config.num_hidden_layers, model.num_protected_tokens)
+    settings = model.rapid if rapid is None else rapid
+    steps = layer_steps(settings, num_input_tokens, config.num_hidden_layers, model.num_protected_tokens)
     return vit_flops(
         config, token_counts, num_input_tokens, steps, model.num_protected_tokens,
         mlp_size=getattr(model.config, "mlp_size", None), head=head_flops(model),
@@ -111,8 +114,11 @@ _EXTRA_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _
 
 
 @torch.inference_mode()
-def counted_flops(model: Any, pixel_values: torch.Tensor) -> tuple[int, tuple[int, ...]]:
-    """FLOPs per image measured by `torch.utils.flop_counter` on a real forward, and its token counts."""
+def counted_flops(
+    model: Any, pixel_values: torch.Tensor, rapid: RapidConfig | None = None
+) -> tuple[int, tuple[int, ...]]:
+    """FLOPs per image measured by `torch.utils.flop_counter` on a real forward running `rapid` (default: the
+    model's own settings), and its token counts."""
     with FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS) as counter:
-        output = model(pixel_values=pixel_values)
+        output = model(pixel_values=pixel_values, rapid=rapid)
     return counter.get_total_flops() // pixel_values.shape[0], tuple(output.token_counts)

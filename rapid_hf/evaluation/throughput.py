@@ -36,6 +36,7 @@ from rapid_hf.evaluation.flops import counted_flops, model_flops
 from rapid_hf.evaluation.loading import autocast_for
 from rapid_hf.evaluation.variants import REFERENCE, Variant
 from rapid_hf.models.layers import REDUCTION_RANGE
+from rapid_hf.reduction.config import RapidConfig
 
 TIMERS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "process": time.process_time}
 
@@ -139,7 +140,7 @@ def benchmark(
 
     Each repeat times `number` forwards of every variant in turn; a variant's time is the median over repeats.
     `measure_memory=False` skips the profiled forward (peak_memory_mb and reduction_share are then None).
-    The model's own reduction setting is restored afterwards.
+    Every variant runs as per-call settings: the model's own settings are never touched.
     """
     if timer not in TIMERS:
         raise ValueError(f"timer {timer!r} is invalid: choose from {', '.join(TIMERS)}")
@@ -156,36 +157,31 @@ def benchmark(
     shape = (batch_size, config.num_channels, height, width)
     pixel_values = torch.randn(shape, generator=generator).to(device)
     rows = _with_reference(variants)
-    original = model.rapid
 
-    def forward() -> Any:
+    def forward(rapid: RapidConfig) -> Any:
         with autocast_for(device, precision):
-            return model(pixel_values=pixel_values)
+            return model(pixel_values=pixel_values, rapid=rapid)
 
     measured: dict[int, dict[str, Any]] = {}
     times: list[list[float]] = [[] for _ in rows]
-    try:
-        for position, variant in enumerate(rows):
-            model.set_rapid(variant.rapid)
-            for _ in range(warmup):
-                forward()
-            counted, token_counts = counted_flops(model, pixel_values[:2])
-            profiled = profile_forward(forward, device) if measure_memory else None
-            measured[position] = {
-                "token_counts": token_counts,
-                "gflops": model_flops(model, token_counts).total / 1e9,
-                "gflops_counted": counted / 1e9,
-                "peak_memory_mb": None if profiled is None else profiled.peak_bytes / 2**20,
-                "reduction_share": None if profiled is None or profiled.forward_ms is None
-                else profiled.reduction_ms / profiled.forward_ms,
-            }
-        for repeat in tqdm(range(repeats), desc=f"benchmark batch {batch_size}", disable=not progress):
-            order = list(enumerate(rows))
-            for position, variant in order if repeat % 2 == 0 else order[::-1]:  # alternate: no variant always last
-                model.set_rapid(variant.rapid)
-                times[position].append(time_forward(forward, number, TIMERS[timer], device))
-    finally:
-        model.set_rapid(original)
+    for position, variant in enumerate(rows):  # per-call settings: the model's own settings are never touched
+        for _ in range(warmup):
+            forward(variant.rapid)
+        counted, token_counts = counted_flops(model, pixel_values[:2], variant.rapid)
+        profiled = profile_forward(lambda rapid=variant.rapid: forward(rapid), device) if measure_memory else None
+        measured[position] = {
+            "token_counts": token_counts,
+            "gflops": model_flops(model, token_counts, variant.rapid).total / 1e9,
+            "gflops_counted": counted / 1e9,
+            "peak_memory_mb": None if profiled is None else profiled.peak_bytes / 2**20,
+            "reduction_share": None if profiled is None or profiled.forward_ms is None
+            else profiled.reduction_ms / profiled.forward_ms,
+        }
+    for repeat in tqdm(range(repeats), desc=f"benchmark batch {batch_size}", disable=not progress):
+        order = list(enumerate(rows))
+        for position, variant in order if repeat % 2 == 0 else order[::-1]:  # alternate: no variant always last
+            timed = lambda rapid=variant.rapid: forward(rapid)  # noqa: E731
+            times[position].append(time_forward(timed, number, TIMERS[timer], device))
 
     baseline_time = float(np.median(times[0]))
     baseline_gflops = measured[0]["gflops"]
