@@ -138,6 +138,28 @@ def test_calibration_picks_grid_values_and_saves_them(tiny_model, images, tmp_pa
     assert log["rows"] == [0, 5] and log["rapid"] == chosen.to_dict() and log["num_trials"] == len(result.trials)
 
 
+def test_agreement_objective_picks_the_trial_with_the_highest_agreement(tiny_model, images):
+    start = RapidConfig(r=6, switch_layer=2)
+    result = calibrate(tiny_model, images, start, grid=GRID, batch_size=6, max_rounds=1, progress=False,
+                       objective="agreement")
+    assert result.objective == "agreement" and result.to_dict()["objective"] == "agreement"
+    best = max(result.trials, key=lambda t: (t.agreement, -t.kl))
+    assert result.fidelity.agreement == best.agreement and result.fidelity.kl == pytest.approx(best.kl)
+    # the KL search over the same grid may land elsewhere, but never on a lower KL than its own choice
+    by_kl = calibrate(tiny_model, images, start, grid=GRID, batch_size=6, max_rounds=1, progress=False)
+    assert by_kl.fidelity.kl == pytest.approx(min(t.kl for t in by_kl.trials))
+
+
+def test_fidelity_order_depends_on_the_objective():
+    from rapid_hf.calibration import Fidelity
+
+    sharp, faithful = Fidelity(kl=0.10, agreement=0.90), Fidelity(kl=0.05, agreement=0.85)
+    assert faithful.better_than(sharp) and not sharp.better_than(faithful)
+    assert sharp.better_than(faithful, "agreement") and not faithful.better_than(sharp, "agreement")
+    tie = Fidelity(kl=0.04, agreement=0.90)
+    assert tie.better_than(sharp, "agreement")  # equal agreement: the lower KL wins
+
+
 def test_calibration_searches_only_the_methods_knobs(tiny_model, images):
     result = calibrate(tiny_model, images, RapidConfig(method="crucial", r=4), progress=False)
     assert {name for trial in result.trials for name in trial.settings} == {"importance_ratio", "merge_mode"}
@@ -192,6 +214,7 @@ def test_importance_mode_can_be_searched_and_is_skipped_without_merging_layers(t
         (RapidConfig(r=4), {"grid": {"prune_threshold": [1.5]}}, "prune_threshold"),
         (RapidConfig(r=4), {"grid": {"switch_layer": [9]}}, r"ints in \[0, 4\]"),
         (RapidConfig(r=4), {"max_rounds": 0}, "max_rounds"),
+        (RapidConfig(r=4), {"objective": "top5"}, "objective must be one of"),
     ],
 )
 def test_calibration_rejects_bad_requests(tiny_model, images, rapid, kwargs, match):
@@ -220,10 +243,10 @@ def test_calibrate_command_end_to_end(tiny_model, tmp_path, capsys):
             writer.writerow([f"{index}.png", index % 10])
     calibrate_script = load_script("calibrate")
     argv = ["--model", str(model_dir), "--data-dir", str(data_dir), "--r", "4", "--max-rounds", "1",
-            "--output-dir", str(out_dir)]
+            "--output-dir", str(out_dir), "--objective", "agreement"]
     calibrate_script.main(argv)
     log = json.loads((out_dir / CALIBRATION_LOG).read_text())
-    assert log["calibration_rows"] == [0, 5, 10]
+    assert log["calibration_rows"] == [0, 5, 10] and log["objective"] == "agreement"
     reloaded = RapidViTForImageClassification.from_pretrained(out_dir)
     assert reloaded.rapid.to_dict() == log["rapid"] and isinstance(reloaded.rapid.switch_layer, int)
     assert (out_dir / "preprocessor_config.json").exists()

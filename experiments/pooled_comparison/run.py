@@ -6,8 +6,10 @@
 Rows with index % 5 == 0 of each set calibrate (100 + 126 = 226 photos), all the others report (400 + 504 = 904).
 Stage "calibrate" chooses, on the calibration rows of both sets together, RAPID's `switch_layer="auto"` (the
 token-statistics rule) and the calibrated configs (`rapid_hf.calibration.calibrate`, timed per setting), and writes
-calibration.json. Stage "evaluate" runs none, ToMe, ToFu, RAPID (defaults, auto K, calibrated), crucial merging and
-RAPID's "protect" reading of rho (defaults and calibrated) on the report rows with `rapid_hf.evaluation.accuracy`
+calibration.json; with `--objective agreement` the search maximises top-1 agreement instead of minimising KL and
+writes calibration_agreement.json (its choice is the row "rapid-calibrated-agreement"). Stage "evaluate" runs
+none, ToMe, ToFu, RAPID (defaults, auto K, calibrated by either objective), crucial merging and RAPID's
+"protect" reading of rho (defaults and calibrated) on the report rows with `rapid_hf.evaluation.accuracy`
 (`predict`, `summarize`), at r = 4, 8, 12, 16, 17 and 8 output tokens, and writes results.json / results.md: top-1,
 agreement with the unreduced model, KL(unreduced || reduced), and paired-bootstrap 95% intervals of each method's
 difference from ToMe (top-1, agreement, KL) per set and pooled.
@@ -61,7 +63,7 @@ SEARCH: dict[str, Any] = {
     "max_rounds": 1,
 }
 METHOD_ORDER = ["none", "tome", "tofu", "rapid", "rapid-auto", "rapid-calibrated", "rapid-calibrated-shift",
-                "rapid-calibrated-protect", "crucial", "rapid-protect"]
+                "rapid-calibrated-protect", "rapid-calibrated-agreement", "crucial", "rapid-protect"]
 
 
 def label_of(amount: dict[str, int]) -> str:
@@ -78,6 +80,10 @@ def command_line() -> str:
     return "python " + " ".join([relative(Path(sys.argv[0]).resolve()), *sys.argv[1:]])
 
 
+def calibration_path(objective: str) -> Path:
+    return HERE / ("calibration.json" if objective == "kl" else f"calibration_{objective}.json")
+
+
 def run_calibration(model: Any, image_processor: Any, args: argparse.Namespace) -> dict[str, Any]:
     """Auto K and the calibrated configs, all chosen on the calibration rows of every set (timed)."""
     pixels, _, where = pixel_rows(args.data, "calibration", image_processor, args.batch_size)
@@ -91,33 +97,38 @@ def run_calibration(model: Any, image_processor: Any, args: argparse.Namespace) 
         "auto_seconds": round(time.perf_counter() - started, 1),
         "start": START,
         "search": SEARCH,
+        "objective": args.objective,
         "torch_threads": torch.get_num_threads(),
         "settings": {},
     }
     for amount in SETTINGS:
         start = RapidConfig(method="rapid", **START, **amount)
-        result = calibrate(model, pixels, start, batch_size=args.batch_size, progress=False, **SEARCH)
+        result = calibrate(model, pixels, start, batch_size=args.batch_size, progress=False,
+                           objective=args.objective, **SEARCH)
         entry: dict[str, Any] = {"seconds": round(result.seconds, 1), "num_trials": len(result.trials),
                                  "images": len(pixels), "chosen": result.rapid.to_dict(),
                                  "kl": result.fidelity.kl, "agreement": result.fidelity.agreement}
         for mode in ("shift", "protect"):  # the best config of each reading of rho among the trials
             trials = [t for t in result.trials if t.settings["importance_mode"] == mode]
-            best = min(trials, key=lambda t: (t.kl, -t.agreement))
+            best = min(trials, key=lambda t: (-t.agreement, t.kl) if args.objective == "agreement" else (
+                t.kl, -t.agreement))
             entry[f"best_{mode}"] = {"rapid": start.replace(**best.settings).to_dict(), "kl": best.kl,
                                      "agreement": best.agreement}
         entry["chosen_reading"] = result.rapid.importance_mode
         log["settings"][label_of(amount)] = entry
         print(f"{label_of(amount)}: {json.dumps(entry)}", flush=True)
-        (HERE / "calibration.json").write_text(json.dumps(log, indent=2) + "\n")
+        calibration_path(args.objective).write_text(json.dumps(log, indent=2) + "\n")
     return log
 
 
-PARTS = ("fixed", "calibrated")
+PARTS = ("fixed", "calibrated", "agreement")
 
 
-def variants_for(calibration: dict[str, Any], part: str) -> list[Variant]:
-    """The rows of one part: "fixed" (need nothing but auto K) or "calibrated" (the best config of each reading
-    of rho found by the search). The parts run as separate passes so the first can start while calibrating."""
+def variants_for(calibrations: dict[str, dict[str, Any]], part: str) -> list[Variant]:
+    """The rows of one part: "fixed" (need nothing but auto K), "calibrated" (the best config of each reading
+    of rho found by the KL search) or "agreement" (the choice of the agreement search). The parts run as separate
+    passes so the first can start while calibrating."""
+    calibration = calibrations["kl"]
     auto_k = calibration["auto_switch_layer"]
     variants = [Variant("none", RapidConfig(method="none"))] if part == "fixed" else []
     for amount in SETTINGS:
@@ -128,6 +139,9 @@ def variants_for(calibration: dict[str, Any], part: str) -> list[Variant]:
                 Variant("crucial", RapidConfig(method="crucial", importance_ratio=CRUCIAL_RATIO, **amount)),
                 Variant("rapid-protect", RapidConfig(method="rapid", importance_mode="protect", **amount)),
             ]
+        elif part == "agreement":
+            chosen = calibrations["agreement"]["settings"][label_of(amount)]["chosen"]
+            variants.append(Variant("rapid-calibrated-agreement", RapidConfig.from_dict(chosen)))
         else:
             chosen = calibration["settings"][label_of(amount)]
             variants += [
@@ -316,6 +330,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--part", choices=[*PARTS, "all"], default="all",
                         help="evaluate only the fixed rows or only the calibrated rows (tables need both saved)")
+    parser.add_argument("--objective", choices=["kl", "agreement"], default="kl",
+                        help="the calibration search's objective (stage calibrate)")
     parser.add_argument("--reuse-predictions", action="store_true",
                         help="rebuild the tables from the saved per-photo predictions instead of running again")
     args = parser.parse_args()
@@ -325,21 +341,21 @@ def main() -> None:
     model = load_rapid_model(args.model)
     image_processor = AutoImageProcessor.from_pretrained(args.model)
     if args.stage in ("calibrate", "all"):
-        calibration = run_calibration(model, image_processor, args)
-    else:
-        calibration = json.loads((HERE / "calibration.json").read_text())
+        run_calibration(model, image_processor, args)
     if args.stage == "calibrate":
         return
+    calibrations = {objective: json.loads(calibration_path(objective).read_text()) for objective in ("kl", "agreement")}
+    calibration = calibrations["kl"]
     parts_to_run = PARTS if args.part == "all" else (args.part,)
     if not args.reuse_predictions:
         for part in parts_to_run:
             for folder in args.data:
-                predict_part(model, image_processor, folder, variants_for(calibration, part), part, args)
+                predict_part(model, image_processor, folder, variants_for(calibrations, part), part, args)
     missing = [predictions_path(f, p).name for f in args.data for p in PARTS if not predictions_path(f, p).is_file()]
     if missing:
         print(f"tables not written yet: {missing} still to run", flush=True)
         return
-    variants = [variant for part in PARTS for variant in variants_for(calibration, part)]
+    variants = [variant for part in PARTS for variant in variants_for(calibrations, part)]
     per_set, sets = {}, []
     for folder in args.data:
         predictions = joined([load_predictions(predictions_path(folder, part)) for part in PARTS])

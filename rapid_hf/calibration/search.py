@@ -1,7 +1,9 @@
 """Choose a method's knobs on calibration images: a coordinate search minimising the divergence from the model.
 
-The unreduced logits are computed once; each candidate `RapidConfig` is scored by the mean KL(unreduced ||
-reduced) on the calibration images (ties: higher top-1 agreement). The search sweeps one knob at a time over its
+The unreduced logits are computed once; each candidate `RapidConfig` is scored on the calibration images by
+the objective: `"kl"` (default) the mean KL(unreduced || reduced), ties by higher top-1 agreement; `"agreement"`
+the top-1 agreement with the unreduced model, ties by lower KL (what a user who serves the top-1 class cares
+about; on few images it is coarser: one image moves it by 1 / images). The search sweeps one knob at a time over its
 grid, keeping the best value, and repeats the sweeps until a round changes nothing. Knobs that cannot matter
 for the current point are skipped (tau when K = 0; lambda and the merge mode when K = L). RAPID with K = 0,
 lambda = 0 and mean merging is exactly ToMe; when the searched knobs can reach that point it is scored first
@@ -21,7 +23,7 @@ import json
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -38,6 +40,8 @@ DEFAULT_GRID: dict[str, tuple[Any, ...]] = {
     "merge_mode": ("mean", "mlerp"),
     "importance_mode": ("shift", "protect"),
 }
+Objective = Literal["kl", "agreement"]
+OBJECTIVES: tuple[Objective, ...] = ("kl", "agreement")
 # RAPID knobs that make it exactly ToMe.
 TOME_POINT: dict[str, Any] = {
     "switch_layer": 0, "importance_weight": 0.0, "merge_mode": "mean", "importance_mode": "shift"
@@ -69,7 +73,10 @@ class Fidelity:
     kl: float
     agreement: float
 
-    def better_than(self, other: Fidelity) -> bool:
+    def better_than(self, other: Fidelity, objective: Objective = "kl") -> bool:
+        """Strictly better under `objective` (the other measure breaks ties)."""
+        if objective == "agreement":
+            return (-self.agreement, self.kl) < (-other.agreement, other.kl)
         return (self.kl, -self.agreement) < (other.kl, -other.agreement)
 
 
@@ -95,6 +102,7 @@ class CalibrationResult:
     num_images: int
     seconds: float
     auto_switch_layer: int | None = None
+    objective: Objective = "kl"
     trials: list[Trial] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -104,6 +112,7 @@ class CalibrationResult:
             "fidelity": asdict(self.fidelity),
             "start": self.start.to_dict(),
             "start_fidelity": asdict(self.start_fidelity),
+            "objective": self.objective,
             "searched": list(self.searched),
             "grid": self.grid,
             "num_images": self.num_images,
@@ -188,14 +197,18 @@ def calibrate(
     batch_size: int = 50,
     min_redundant_fraction: float = MIN_REDUNDANT_FRACTION,
     progress: bool = True,
+    objective: Objective = "kl",
 ) -> CalibrationResult:
     """Coordinate search over `searched` knobs of `rapid` (default: the model's) on calibration `pixel_values`.
 
     The reduction amount (r or output_tokens) and every knob not searched stay as given. `switch_layer="auto"`
     is resolved by the token-statistics rule first and used as the starting K. The model's own setting is left
-    unchanged; apply the result with `model.set_rapid(result.rapid)` or `save_calibrated`.
+    unchanged; apply the result with `model.set_rapid(result.rapid)` or `save_calibrated`. `objective` is what the
+    search minimises: `"kl"` or `"agreement"` (see the module docstring).
     """
     _check_inputs(model, pixel_values, batch_size)
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {list(OBJECTIVES)}, got {objective!r}")
     rapid = model.rapid if rapid is None else rapid
     if rapid.method not in SEARCHED:
         raise ValueError(f"method {rapid.method!r} has no knobs to calibrate; calibrate one of {sorted(SEARCHED)}")
@@ -251,7 +264,7 @@ def calibrate(
             and tome.resolved_merge_mode() == "mean"
             and tome.importance_mode == "shift"
         )
-        if is_tome and tome != rapid and score(tome).better_than(best):
+        if is_tome and tome != rapid and score(tome).better_than(best, objective):
             current, best = tome, score(tome)
     for _ in range(max_rounds):
         changed = False
@@ -261,7 +274,7 @@ def calibrate(
             for value in values[name]:
                 candidate = current.replace(**{name: value})
                 fidelity = score(candidate)
-                if fidelity.better_than(best):
+                if fidelity.better_than(best, objective):
                     current, best, changed = candidate, fidelity, True
                     bar.set_postfix(kl=f"{best.kl:.4f}", agreement=f"{best.agreement:.3f}")
         if not changed:
@@ -277,5 +290,6 @@ def calibrate(
         num_images=len(pixel_values),
         seconds=time.perf_counter() - started,
         auto_switch_layer=resolved_auto,
+        objective=objective,
         trials=trials,
     )

@@ -52,6 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--search", type=common.comma_list(str, "knob names"),
                         help="knobs to search (default: all of the method's: "
                         + "; ".join(f"{m}: {','.join(k)}" for m, k in SEARCHED.items()) + ")")
+    parser.add_argument("--objective", choices=["kl", "agreement"], default="kl",
+                        help="what the search optimises on the calibration images: mean KL from the unreduced model "
+                        "(ties: agreement) or top-1 agreement with it (ties: KL)")
     parser.add_argument("--max-rounds", type=common.positive_int, default=3, help="coordinate-search rounds at most")
     parser.add_argument("--batch-size", type=common.positive_int, default=50, help="images per forward pass")
     parser.add_argument("--output", "--output-dir", dest="output", required=True,
@@ -91,7 +94,7 @@ def run(args: argparse.Namespace) -> None:
         num_workers=args.num_workers,
     )
     result = calibrate(model, pixel_values, rapid=args.rapid, searched=args.search, max_rounds=args.max_rounds,
-                       batch_size=args.batch_size)
+                       batch_size=args.batch_size, objective=args.objective)
     context = {"model": args.model, "data": args.data_dir or args.dataset, "data_source": common.data_source(args),
                "calibration_rows": rows, "command": common.command_line(NAME, args.argv)}
     save_calibrated(model, result, args.output, processor, context)
