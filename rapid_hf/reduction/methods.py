@@ -43,7 +43,7 @@ def rank_descending_by(primary: Tensor, secondary: Tensor) -> Tensor:
 def redundancy_scores(scores: Tensor, threshold: float) -> Tensor:
     """RAPID eq. (1): `score_i = sum_j max(0, S_ij - tau)`; the CLS row is -inf so it is never pruned."""
     redundancy = (scores - threshold).clamp_min(0).sum(dim=-1)
-    redundancy[:, 0] = -torch.inf
+    redundancy.narrow(1, 0, 1).fill_(-torch.inf)
     return redundancy
 
 
@@ -56,7 +56,8 @@ def redundancy_prune_plan(scores: Tensor, r: int, num_protected: int, threshold:
     first, ToFu's pruning criterion), then by index, instead of by token position alone.
     """
     redundancy = redundancy_scores(scores, threshold)
-    redundancy[:, : protected_source_rows(num_protected)] = -torch.inf  # every protected source row, not only CLS
+    if num_protected > 2:  # every protected source row, not only CLS
+        redundancy.narrow(1, 0, protected_source_rows(num_protected)).fill_(-torch.inf)
     order = rank_descending_by(redundancy, scores.max(dim=-1).values)
     return plan_from_ranking(order, r, num_protected, None)
 
