@@ -9,7 +9,6 @@ from __future__ import annotations
 import ast
 import json
 import keyword
-import os
 import re
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from remote_user import hub_env, run_as_remote_user
 from transformers import (
     AutoImageProcessor,
     DeiTConfig,
@@ -44,15 +44,6 @@ RAPID16 = RapidConfig(method="rapid", r=16)
 BASE = "facebook/deit-tiny-patch16-224"
 
 REMOTE_SCRIPT = r'''
-import json, sys
-sys.modules["rapid_hf"] = None  # a user without rapid_hf: importing it, even from remote code, fails
-spec = json.load(open(sys.argv[1]))
-report = {}
-try:
-    import rapid_hf  # noqa: F401
-    report["rapid_hf_importable"] = True
-except ImportError:
-    report["rapid_hf_importable"] = False
 import torch
 from transformers import AutoModelForImageClassification, pipeline
 
@@ -83,14 +74,6 @@ json.dump(report, open(spec["report"], "w"))
 
 
 # --------------------------------------------------------------------------------------------- helpers
-
-
-def hub_env(tmp_path: Path) -> dict[str, str]:
-    """Environment of a user with no token, no rapid_hf on the path and no network."""
-    drop = {"PYTHONPATH", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH", "HF_STORED_TOKENS_PATH"}
-    env = {key: value for key, value in os.environ.items() if key not in drop}
-    env.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
-    return env
 
 
 def write_json(path: Path, data) -> Path:
@@ -550,13 +533,7 @@ def remote_report(tmp_path_factory, deit_tiny_path, dev_images_path, tiny_deit_t
             expected_pipeline = classifier(images, top_k=5)
         cases.append({"name": name, "folder": str(folder), "expected": str(root / f"{name}.pt"),
                       "images": images if name == "deit_tiny" else [], "class": type(model).__name__})
-    spec = write_json(root / "spec.json", {"cases": cases, "report": str(root / "report.json")})
-    (root / "load_remote.py").write_text(REMOTE_SCRIPT)
-    completed = subprocess.run([sys.executable, str(root / "load_remote.py"), str(spec)], env=hub_env(root),
-                               cwd=root, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    report = json.loads((root / "report.json").read_text())
-    return report, cases, expected_pipeline
+    return run_as_remote_user(root, REMOTE_SCRIPT, cases), cases, expected_pipeline
 
 
 def test_remote_process_cannot_import_rapid_hf(remote_report):

@@ -5,28 +5,17 @@ rapid_hf cannot be imported, with no missing keys, the saved settings and the sa
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from remote_user import run_as_remote_user
 from transformers import CLIPConfig, Dinov2WithRegistersConfig
 
 from rapid_hf import RapidCLIPModel, RapidConfig, RapidDinov2WithRegistersModel
 from rapid_hf.hub.remote_code import CONFIG_MODULE, collect_modules, write_remote_code
 
 REMOTE_SCRIPT = r'''
-import json, sys
-sys.modules["rapid_hf"] = None  # a user without rapid_hf: importing it, even from remote code, fails
-spec = json.load(open(sys.argv[1]))
-report = {}
-try:
-    import rapid_hf  # noqa: F401
-    report["rapid_hf_importable"] = True
-except ImportError:
-    report["rapid_hf_importable"] = False
 import torch
 from transformers import AutoModel
 
@@ -96,16 +85,7 @@ def remote_report(tmp_path_factory):
         cases.append({"name": name, "folder": str(folder), "expected": str(root / f"{name}.pt"),
                       "class": type(model).__name__, "rapid": model.config.rapid,
                       "token_counts": list(output.token_counts)})
-    spec = root / "spec.json"
-    spec.write_text(json.dumps({"cases": cases, "report": str(root / "report.json")}))
-    (root / "load_remote.py").write_text(REMOTE_SCRIPT)
-    drop = {"PYTHONPATH", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH", "HF_STORED_TOKENS_PATH"}
-    env = {key: value for key, value in os.environ.items() if key not in drop}
-    env.update(HF_HOME=str(root / "hf_home"), HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
-    completed = subprocess.run([sys.executable, str(root / "load_remote.py"), str(spec)], env=env, cwd=root,
-                               capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    return json.loads((root / "report.json").read_text()), cases
+    return run_as_remote_user(root, REMOTE_SCRIPT, cases), cases
 
 
 def test_remote_code_loads_the_new_families_without_rapid_hf(remote_report):
