@@ -2,7 +2,7 @@
 
     RAPID_HF_ASSETS=../shared/assets python experiments/onnx_agreement/run.py
 
-For each setting (none; ToMe and RAPID at r=8 and 16; crucial at r=16, which does not export yet) the model is
+For each setting (none; ToMe, ToFu, RAPID and crucial-token merging at r=8 and 16) the model is
 exported twice with `rapid_hf.export.export_onnx`: at batch 10 for the agreement check (the photos are run in
 113 batches of 10 through both PyTorch eager and onnxruntime, preprocessed by the model's own image processor)
 and at batch 1 for latency. Latency: batch 1, one synthetic input, PyTorch eager and onnxruntime at 1 and 2
@@ -38,8 +38,11 @@ SETTINGS = [
     ("none", {"method": "none"}),
     ("tome r=8", {"method": "tome", "r": 8}),
     ("tome r=16", {"method": "tome", "r": 16}),
+    ("tofu r=8", {"method": "tofu", "r": 8}),
+    ("tofu r=16", {"method": "tofu", "r": 16}),
     ("rapid r=8", {"method": "rapid", "r": 8}),
     ("rapid r=16", {"method": "rapid", "r": 16}),
+    ("crucial r=8", {"method": "crucial", "r": 8}),
     ("crucial r=16", {"method": "crucial", "r": 16}),
 ]
 AGREEMENT_BATCH = 10
