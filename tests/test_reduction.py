@@ -18,7 +18,7 @@ from rapid_hf.reduction.methods import (
     similarity_merge_plan,
     similarity_prune_plan,
 )
-from rapid_hf.reduction.plan import ReductionPlan, apply_plan
+from rapid_hf.reduction.plan import ReductionPlan, add_tokens, apply_plan, gather_tokens
 from rapid_hf.reduction.schedule import (
     expand_schedule,
     min_output_tokens,
@@ -207,3 +207,23 @@ def test_schedule_for_output_tokens_rejects_unreachable_targets():
         schedule_for_output_tokens(197, 12, 1, 300)
     with pytest.raises(ValueError, match="cannot be reached"):
         schedule_for_output_tokens(197, 2, 1, 10)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_row_gather_and_add_match_a_plain_loop(batch):
+    # The batch-1 and flattened-batch fast paths must equal the obvious per-image loop exactly, repeated
+    # destinations included (each row is added in index order, as scatter_add does).
+    generator = torch.Generator().manual_seed(batch)
+    tokens = torch.randn(batch, 9, 5, generator=generator)
+    index = torch.tensor([[4, 1, 4, 8, 1, 4]] * batch)
+    index[-1] = torch.tensor([0, 0, 2, 3, 2, 7])
+    rows = torch.randn(batch, 6, 5, generator=generator)
+    expected_gather = torch.stack([tokens[b, index[b]] for b in range(batch)])
+    expected_sum = tokens.clone()
+    for b in range(batch):
+        for i in range(index.shape[1]):
+            expected_sum[b, index[b, i]] += rows[b, i]
+    assert torch.equal(gather_tokens(tokens, index), expected_gather)
+    assert torch.equal(add_tokens(tokens, index, rows), expected_sum)
+    assert torch.equal(add_tokens(tokens, index, rows),
+                       tokens.scatter_add(1, index.unsqueeze(-1).expand(-1, -1, 5), rows))
