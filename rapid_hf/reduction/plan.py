@@ -41,8 +41,8 @@ def gather_tokens(tokens: Tensor, index: Tensor) -> Tensor:
 def add_tokens(tokens: Tensor, index: Tensor, rows: Tensor) -> Tensor:
     """`tokens` `(B, N, C)` with each row `rows[b, i]` added to token `index[b, i]` (sums in order of i).
 
-    One `index_add` of whole rows (of the flattened batch when B > 1): on CPU about half the time of `scatter_add`
-    with an index expanded over the channels, and the same sums in the same order.
+    One `index_add` of whole rows (of the flattened batch when B > 1): the same sums in the same order as
+    `scatter_add` with an index expanded over the channels, and on CPU half its time at batch 1 (equal at 4).
     """
     batch, num_tokens, channels = tokens.shape
     if batch == 1:
