@@ -7,9 +7,11 @@ Rows with index % 5 == 0 of each set calibrate (100 + 126 = 226 photos), all the
 Stage "calibrate" chooses, on the calibration rows of both sets together, RAPID's `switch_layer="auto"` (the
 token-statistics rule) and the calibrated configs (`rapid_hf.calibration.calibrate`, timed per setting), and writes
 calibration.json; with `--objective agreement` the search maximises top-1 agreement instead of minimising KL and
-writes calibration_agreement.json (its choice is the row "rapid-calibrated-agreement"). Stage "evaluate" runs
-none, ToMe, ToFu, RAPID (defaults, auto K, calibrated by either objective), crucial merging and RAPID's
-"protect" reading of rho (defaults and calibrated) on the report rows with `rapid_hf.evaluation.accuracy`
+writes calibration_agreement.json (its choice is the row "rapid-calibrated-agreement"); with
+`--importance-source per_patch` the KL search runs with that source of importance fixed and writes
+calibration_per_patch.json (rows "rapid-per-patch", paper defaults, and "rapid-calibrated-per-patch").
+Stage "evaluate" runs none, ToMe, ToFu, RAPID (defaults, auto K, calibrated by each search), crucial merging and
+RAPID's "protect" reading of rho (defaults and calibrated) on the report rows with `rapid_hf.evaluation.accuracy`
 (`predict`, `summarize`), at r = 4, 8, 12, 16, 17 and 8 output tokens, and writes results.json / results.md: top-1,
 agreement with the unreduced model, KL(unreduced || reduced), and paired-bootstrap 95% intervals of each method's
 difference from ToMe (top-1, agreement, KL) per set and pooled.
@@ -63,7 +65,8 @@ SEARCH: dict[str, Any] = {
     "max_rounds": 1,
 }
 METHOD_ORDER = ["none", "tome", "tofu", "rapid", "rapid-auto", "rapid-calibrated", "rapid-calibrated-shift",
-                "rapid-calibrated-protect", "rapid-calibrated-agreement", "crucial", "rapid-protect"]
+                "rapid-calibrated-protect", "rapid-calibrated-agreement", "rapid-per-patch",
+                "rapid-calibrated-per-patch", "crucial", "rapid-protect"]
 
 
 def label_of(amount: dict[str, int]) -> str:
@@ -80,8 +83,18 @@ def command_line() -> str:
     return "python " + " ".join([relative(Path(sys.argv[0]).resolve()), *sys.argv[1:]])
 
 
-def calibration_path(objective: str) -> Path:
-    return HERE / ("calibration.json" if objective == "kl" else f"calibration_{objective}.json")
+def calibration_path(variant: str) -> Path:
+    """calibration.json for the KL search, calibration_<variant>.json for the others."""
+    return HERE / ("calibration.json" if variant == "kl" else f"calibration_{variant}.json")
+
+
+def search_variant(args: argparse.Namespace) -> str:
+    """Which calibration search a calibrate stage runs: "kl", "agreement" or "per_patch"."""
+    if args.importance_source == "per_patch":
+        if args.objective != "kl":
+            raise SystemExit("--importance-source per_patch runs the KL search: drop --objective")
+        return "per_patch"
+    return args.objective
 
 
 def run_calibration(model: Any, image_processor: Any, args: argparse.Namespace) -> dict[str, Any]:
@@ -102,7 +115,7 @@ def run_calibration(model: Any, image_processor: Any, args: argparse.Namespace) 
         "settings": {},
     }
     for amount in SETTINGS:
-        start = RapidConfig(method="rapid", **START, **amount)
+        start = RapidConfig(method="rapid", **START, importance_source=args.importance_source, **amount)
         result = calibrate(model, pixels, start, batch_size=args.batch_size, progress=False,
                            objective=args.objective, **SEARCH)
         entry: dict[str, Any] = {"seconds": round(result.seconds, 1), "num_trials": len(result.trials),
@@ -117,11 +130,11 @@ def run_calibration(model: Any, image_processor: Any, args: argparse.Namespace) 
         entry["chosen_reading"] = result.rapid.importance_mode
         log["settings"][label_of(amount)] = entry
         print(f"{label_of(amount)}: {json.dumps(entry)}", flush=True)
-        calibration_path(args.objective).write_text(json.dumps(log, indent=2) + "\n")
+        calibration_path(search_variant(args)).write_text(json.dumps(log, indent=2) + "\n")
     return log
 
 
-PARTS = ("fixed", "calibrated", "agreement")
+PARTS = ("fixed", "calibrated", "agreement", "per_patch")
 
 
 def variants_for(calibrations: dict[str, dict[str, Any]], part: str) -> list[Variant]:
@@ -142,6 +155,12 @@ def variants_for(calibrations: dict[str, dict[str, Any]], part: str) -> list[Var
         elif part == "agreement":
             chosen = calibrations["agreement"]["settings"][label_of(amount)]["chosen"]
             variants.append(Variant("rapid-calibrated-agreement", RapidConfig.from_dict(chosen)))
+        elif part == "per_patch":
+            chosen = calibrations["per_patch"]["settings"][label_of(amount)]["chosen"]
+            variants += [
+                Variant("rapid-per-patch", RapidConfig(method="rapid", importance_source="per_patch", **amount)),
+                Variant("rapid-calibrated-per-patch", RapidConfig.from_dict(chosen)),
+            ]
         else:
             chosen = calibration["settings"][label_of(amount)]
             variants += [
@@ -332,6 +351,8 @@ def main() -> None:
                         help="evaluate only the fixed rows or only the calibrated rows (tables need both saved)")
     parser.add_argument("--objective", choices=["kl", "agreement"], default="kl",
                         help="the calibration search's objective (stage calibrate)")
+    parser.add_argument("--importance-source", choices=["attention", "per_patch"], default="attention",
+                        help="RAPID's source of importance, fixed during the search (stage calibrate)")
     parser.add_argument("--reuse-predictions", action="store_true",
                         help="rebuild the tables from the saved per-photo predictions instead of running again")
     args = parser.parse_args()
@@ -344,7 +365,8 @@ def main() -> None:
         run_calibration(model, image_processor, args)
     if args.stage == "calibrate":
         return
-    calibrations = {objective: json.loads(calibration_path(objective).read_text()) for objective in ("kl", "agreement")}
+    calibrations = {variant: json.loads(calibration_path(variant).read_text())
+                    for variant in ("kl", "agreement", "per_patch")}
     calibration = calibrations["kl"]
     parts_to_run = PARTS if args.part == "all" else (args.part,)
     if not args.reuse_predictions:

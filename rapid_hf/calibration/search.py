@@ -39,6 +39,7 @@ DEFAULT_GRID: dict[str, tuple[Any, ...]] = {
     "importance_ratio": (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 1.0),
     "merge_mode": ("mean", "mlerp"),
     "importance_mode": ("shift", "protect"),
+    "importance_source": ("attention", "per_patch"),
 }
 Objective = Literal["kl", "agreement"]
 OBJECTIVES: tuple[Objective, ...] = ("kl", "agreement")
@@ -55,7 +56,7 @@ SEARCHED: dict[str, tuple[str, ...]] = {
 # Every knob that may be searched when asked for.
 SEARCHABLE: dict[str, tuple[str, ...]] = {
     **SEARCHED,
-    "rapid": (*SEARCHED["rapid"], "importance_ratio", "importance_mode"),
+    "rapid": (*SEARCHED["rapid"], "importance_ratio", "importance_mode", "importance_source"),
 }
 
 
@@ -165,7 +166,7 @@ def is_relevant(name: str, rapid: RapidConfig, num_layers: int) -> bool:
         return rapid.method == "rapid" and switch_layer > 0
     if name == "importance_ratio":  # RAPID's rho only matters when it protects tokens
         return rapid.importance_mode == "protect" and switch_layer < num_layers
-    if name in ("importance_weight", "merge_mode", "importance_mode"):
+    if name in ("importance_weight", "merge_mode", "importance_mode", "importance_source"):
         return switch_layer < num_layers
     return True
 

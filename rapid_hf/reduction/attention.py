@@ -30,3 +30,15 @@ def cls_attention(query: Tensor, keys: Tensor, scaling: float, bias: Tensor | No
     if bias is not None:
         logits = logits + bias[:, :, 0].float()
     return logits.softmax(dim=-1).mean(dim=1)
+
+
+def per_patch_importance(attention: Tensor, sizes: Tensor | None) -> Tensor:
+    """`(B, N)` CLS attention divided by each token's size `(B, N, 1)` and renormalised to sum to 1 per image.
+
+    Proportional attention adds `log(size)` to a token's logit, multiplying its attention by its size; dividing
+    by the size gives the attention per patch it stands for. None (every size 1) returns `attention` unchanged.
+    """
+    if sizes is None:
+        return attention
+    per_patch = attention / sizes[..., 0].to(attention.dtype)
+    return per_patch / per_patch.sum(dim=-1, keepdim=True)

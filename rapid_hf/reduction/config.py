@@ -13,6 +13,8 @@ AUTO = "auto"
 MERGE_MODES: tuple[str, ...] = ("mean", "mlerp")
 ImportanceMode = Literal["shift", "protect"]
 IMPORTANCE_MODES: tuple[str, ...] = ("shift", "protect")
+ImportanceSource = Literal["attention", "per_patch"]
+IMPORTANCE_SOURCES: tuple[str, ...] = ("attention", "per_patch")
 LINEAR_SCHEDULE_KEYS = frozenset({"r", "inflection"})
 
 
@@ -57,6 +59,10 @@ class RapidConfig:
             `S'_ij = S_ij - lambda (a_i - theta)`; theta shifts every score of an image equally, so rho cannot
             change the plan. "protect": the same scores, and in addition the top-rho fraction of patch tokens
             by CLS attention never leave as merge sources (they can still receive merges), so rho matters.
+        importance_source: where RAPID's (and crucial merging's) importance `a_i` comes from. "attention"
+            (default): the CLS token's attention to token i, averaged over heads (eq. 2). "per_patch": that
+            attention divided by the number of patches token i stands for and renormalised, undoing proportional
+            attention's `+log(size)` so a merged token does not count as more important for being large.
         prop_attn: add `log(size)` of each key to attention logits (ToMe's proportional attention).
         merge_mode: "mean" (size-weighted) or "mlerp" (ToFu's norm-preserving). None: "mlerp" for ToFu,
             "mean" otherwise.
@@ -70,6 +76,7 @@ class RapidConfig:
     importance_ratio: float = 0.2
     importance_weight: float = 50.0
     importance_mode: ImportanceMode = "shift"
+    importance_source: ImportanceSource = "attention"
     prop_attn: bool = True
     merge_mode: Literal["mean", "mlerp"] | None = None
 
@@ -92,6 +99,8 @@ class RapidConfig:
             _fail("importance_weight", self.importance_weight, "a number >= 0")
         if self.importance_mode not in IMPORTANCE_MODES:
             _fail("importance_mode", self.importance_mode, "'shift' (eq. 2 as written) or 'protect'")
+        if self.importance_source not in IMPORTANCE_SOURCES:
+            _fail("importance_source", self.importance_source, "'attention' (CLS attention) or 'per_patch'")
         if not isinstance(self.prop_attn, bool):
             _fail("prop_attn", self.prop_attn, "True or False")
         if self.merge_mode is not None and self.merge_mode not in MERGE_MODES:
@@ -205,4 +214,5 @@ def _linear_schedule(given: Any, base: Any, inflection: Any, allowed: str) -> tu
     return (base, float(inflection))
 
 
-__all__ = ["AUTO", "IMPORTANCE_MODES", "MERGE_MODES", "METHODS", "ImportanceMode", "Method", "RapidConfig"]
+__all__ = ["AUTO", "IMPORTANCE_MODES", "IMPORTANCE_SOURCES", "MERGE_MODES", "METHODS", "ImportanceMode",
+           "ImportanceSource", "Method", "RapidConfig"]

@@ -12,8 +12,8 @@ from typing import Literal
 
 from torch import Tensor
 
-from rapid_hf.reduction.attention import cls_attention
-from rapid_hf.reduction.config import ImportanceMode, RapidConfig
+from rapid_hf.reduction.attention import cls_attention, per_patch_importance
+from rapid_hf.reduction.config import ImportanceMode, ImportanceSource, RapidConfig
 from rapid_hf.reduction.matching import bipartite_similarity, matching_metric, removal_cap
 from rapid_hf.reduction.methods import (
     crucial_merge_plan,
@@ -39,6 +39,7 @@ class LayerStep:
     importance_ratio: float = 0.2
     importance_weight: float = 50.0
     importance_mode: ImportanceMode = "shift"
+    importance_source: ImportanceSource = "attention"
 
 
 def requested_schedule(config: RapidConfig, num_tokens: int, num_layers: int, num_protected: int) -> list[int]:
@@ -82,6 +83,7 @@ def layer_steps(config: RapidConfig, num_tokens: int, num_layers: int, num_prote
             importance_ratio=config.importance_ratio,
             importance_weight=config.importance_weight,
             importance_mode=config.importance_mode,
+            importance_source=config.importance_source,
         )
         for layer, r in enumerate(schedule)
     )
@@ -94,13 +96,18 @@ def build_plan(
     scaling: float,
     attention_bias: Tensor | None,
     num_protected: int,
+    sizes: Tensor | None = None,
 ) -> ReductionPlan | SelectionPlan | None:
-    """The plan for one layer from its keys `(B, heads, N, d)` (and CLS query when RAPID merges)."""
+    """The plan for one layer from its keys `(B, heads, N, d)` (and CLS query and token sizes when importance is
+    used)."""
     r = min(step.r, removal_cap(keys.shape[2], num_protected))
     if step.operation is None or r == 0:
         return None
-    if step.operation == "merge_crucial":
+    if step.operation in ("merge_crucial", "merge_important"):
         attention = cls_attention(query, keys, scaling, attention_bias)
+        if step.importance_source == "per_patch":
+            attention = per_patch_importance(attention, sizes)
+    if step.operation == "merge_crucial":
         return crucial_merge_plan(matching_metric(keys), r, num_protected, attention, step.importance_ratio)
     scores = bipartite_similarity(matching_metric(keys), num_protected)
     if step.operation == "merge_similar":
@@ -109,7 +116,6 @@ def build_plan(
         return similarity_prune_plan(scores, r, num_protected)
     if step.operation == "prune_redundant":
         return redundancy_prune_plan(scores, r, num_protected, step.prune_threshold)
-    attention = cls_attention(query, keys, scaling, attention_bias)
     return importance_merge_plan(
         scores, r, num_protected, attention, step.importance_ratio, step.importance_weight, step.importance_mode
     )
@@ -126,7 +132,7 @@ def reduce_tokens(
     num_protected: int,
 ) -> tuple[Tensor, Tensor | None, ReductionPlan | SelectionPlan | None]:
     """One reduction step: returns the reduced hidden states, sizes and the plan (None if nothing moved)."""
-    plan = build_plan(step, keys, query, scaling, attention_bias, num_protected)
+    plan = build_plan(step, keys, query, scaling, attention_bias, num_protected, sizes)
     if plan is None:
         return hidden, sizes, None
     hidden, sizes = apply_plan(plan, hidden, sizes, step.merge_mode)
