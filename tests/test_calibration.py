@@ -203,6 +203,15 @@ def test_importance_mode_can_be_searched_and_is_skipped_without_merging_layers(t
     assert len(pruning_only.trials) == 1  # K = L: no merging layer, so neither knob can matter
 
 
+def test_importance_source_can_be_searched_and_is_skipped_without_merging_layers(tiny_model, images):
+    result = calibrate(tiny_model, images, RapidConfig(r=6, switch_layer=2), searched=["importance_source"],
+                       batch_size=6, max_rounds=1, progress=False)
+    assert {trial.settings["importance_source"] for trial in result.trials} == {"attention", "per_patch"}
+    pruning_only = calibrate(tiny_model, images, RapidConfig(r=6, switch_layer=4), searched=["importance_source"],
+                             batch_size=6, progress=False)
+    assert len(pruning_only.trials) == 1
+
+
 @pytest.mark.parametrize(
     ("rapid", "kwargs", "match"),
     [

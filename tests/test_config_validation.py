@@ -69,6 +69,7 @@ INVALID_SETTINGS = [
     ({"prop_attn": "yes"}, "prop_attn", "True or False"),
     ({"prop_attn": 1}, "prop_attn", "True or False"),
     ({"merge_mode": "max"}, "merge_mode", "'mean', 'mlerp'"),
+    ({"importance_source": "value_norm"}, "importance_source", "'attention' (CLS attention) or 'per_patch'"),
 ]
 
 # Valid on their own, invalid for the 4-layer, 16-patch tiny model (ViT: 1 protected token, DeiT: 2).
@@ -119,7 +120,8 @@ def test_from_dict_rejects_non_mappings(data):
 @pytest.mark.parametrize(
     "settings",
     [{"method": m, "r": 2} for m in METHODS]
-    + [{"r": [0, 1, 2, 3]}, {"r": (2, 0.5)}, {"r": (2, -1.0)}, {"output_tokens": 5}, {"switch_layer": 4}],
+    + [{"r": [0, 1, 2, 3]}, {"r": (2, 0.5)}, {"r": (2, -1.0)}, {"output_tokens": 5}, {"switch_layer": 4},
+       {"r": 2, "importance_source": "per_patch"}],
     ids=lambda s: ",".join(f"{k}={v!r}" for k, v in s.items()),
 )
 def test_valid_settings_round_trip_through_json(settings):

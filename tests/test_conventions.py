@@ -10,6 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from rapid_hf.reduction.attention import per_patch_importance, size_bias
 from rapid_hf.reduction.config import RapidConfig
 from rapid_hf.reduction.matching import bipartite_similarity, matching_metric
 from rapid_hf.reduction.methods import (
@@ -19,7 +20,7 @@ from rapid_hf.reduction.methods import (
     redundancy_prune_plan,
 )
 from rapid_hf.reduction.schedule import expand_schedule
-from rapid_hf.reduction.steps import layer_operation, layer_steps
+from rapid_hf.reduction.steps import LayerStep, build_plan, layer_operation, layer_steps
 
 NEG = -math.inf
 
@@ -218,3 +219,30 @@ def test_importance_mode_is_validated_and_reaches_the_layer_steps():
     steps = layer_steps(RapidConfig(r=4, importance_mode="protect"), 197, 12, 1)
     assert {step.importance_mode for step in steps} == {"protect"}
     assert RapidConfig(importance_mode="protect").replace(r=2).importance_mode == "protect"
+
+
+def test_per_patch_importance_divides_by_size_and_renormalises():
+    attention = torch.tensor([[0.5, 0.3, 0.2]])
+    sizes = torch.tensor([[[1.0], [3.0], [1.0]]])
+    expected = torch.tensor([[0.5, 0.1, 0.2]]) / 0.8
+    torch.testing.assert_close(per_patch_importance(attention, sizes), expected)
+    assert per_patch_importance(attention, None) is attention  # every token one patch: nothing to undo
+
+
+def test_importance_source_reaches_the_steps_and_changes_plans_only_after_a_merge():
+    steps = layer_steps(RapidConfig(r=4, importance_source="per_patch"), 197, 12, 1)
+    assert {step.importance_source for step in steps} == {"per_patch"}
+    generator = torch.Generator().manual_seed(0)
+    keys, query = torch.randn(2, 3, 17, 8, generator=generator), torch.randn(2, 3, 17, 8, generator=generator)
+    ones = torch.ones(2, 17, 1)
+    sizes = torch.randint(1, 9, (2, 17, 1), generator=generator).float()
+    for operation in ("merge_important", "merge_crucial"):
+        literal = LayerStep(operation, 5, importance_weight=100.0, importance_ratio=0.3)
+        per_patch = LayerStep(operation, 5, importance_weight=100.0, importance_ratio=0.3,
+                              importance_source="per_patch")
+        # all sizes 1: the same plan; unequal sizes: the importance (and here the plan) differs
+        same = [build_plan(step, keys, query, 0.35, None, 1, ones) for step in (literal, per_patch)]
+        assert torch.equal(same[0].removed, same[1].removed)
+        bias = size_bias(sizes, torch.float32)
+        differ = [build_plan(step, keys, query, 0.35, bias, 1, sizes) for step in (literal, per_patch)]
+        assert not torch.equal(differ[0].removed, differ[1].removed)

@@ -54,6 +54,7 @@ def steps(draw, identical_tokens: bool = False):
         importance_ratio=draw(st.floats(0.01, 1.0)),
         importance_weight=draw(st.floats(0.0, 100.0)),
         importance_mode=draw(st.sampled_from(["shift", "protect"])),
+        importance_source=draw(st.sampled_from(["attention", "per_patch"])),
     )
     return {
         "step": step,
@@ -73,7 +74,7 @@ def reduce(case: dict):
 
 def membership(case: dict) -> torch.Tensor:
     """`(B, N_out, N_in)`: 1 where output token i stands for (contains) input token j."""
-    plan = build_plan(**{key: value for key, value in case.items() if key not in ("hidden", "sizes")})
+    plan = build_plan(**{key: value for key, value in case.items() if key != "hidden"})
     batch, num_tokens = case["hidden"].shape[:2]
     identity = torch.eye(num_tokens, dtype=torch.float64).expand(batch, -1, -1)
     return identity if plan is None else plan.sum_into_destinations(identity)

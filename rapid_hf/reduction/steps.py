@@ -96,10 +96,10 @@ def build_plan(
     scaling: float,
     attention_bias: Tensor | None,
     num_protected: int,
-    sizes: Tensor | None = None,
+    sizes: Tensor | None,
 ) -> ReductionPlan | SelectionPlan | None:
-    """The plan for one layer from its keys `(B, heads, N, d)` (and CLS query and token sizes when importance is
-    used)."""
+    """The plan for one layer from its keys `(B, heads, N, d)` (and the CLS query and token sizes `(B, N, 1)`,
+    None = all 1, when importance is used)."""
     r = min(step.r, removal_cap(keys.shape[2], num_protected))
     if step.operation is None or r == 0:
         return None
