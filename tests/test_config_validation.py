@@ -70,6 +70,7 @@ INVALID_SETTINGS = [
     ({"prop_attn": 1}, "prop_attn", "True or False"),
     ({"merge_mode": "max"}, "merge_mode", "'mean', 'mlerp'"),
     ({"importance_source": "value_norm"}, "importance_source", "'attention' (CLS attention) or 'per_patch'"),
+    ({"importance_source": "per_patch", "prop_attn": False}, "importance_source", "'attention' when prop_attn=False"),
 ]
 
 # Valid on their own, invalid for the 4-layer, 16-patch tiny model (ViT: 1 protected token, DeiT: 2).

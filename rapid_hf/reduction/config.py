@@ -103,6 +103,9 @@ class RapidConfig:
             _fail("importance_source", self.importance_source, "'attention' (CLS attention) or 'per_patch'")
         if not isinstance(self.prop_attn, bool):
             _fail("prop_attn", self.prop_attn, "True or False")
+        if self.importance_source == "per_patch" and not self.prop_attn:
+            _fail("importance_source", self.importance_source,
+                  "'attention' when prop_attn=False ('per_patch' undoes proportional attention's size boost)")
         if self.merge_mode is not None and self.merge_mode not in MERGE_MODES:
             _fail("merge_mode", self.merge_mode, "'mean', 'mlerp' or None")
 
