@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from rapid_hf.models.configuration_rapid import as_rapid_config
+from rapid_hf.models.configuration_rapid import as_pair, as_rapid_config
 from rapid_hf.reduction.config import RapidConfig
 
 DEFAULT_OPSET = 18
@@ -43,21 +43,17 @@ class LogitsForward(nn.Module):
         return self.model(pixel_values=pixel_values, rapid=self.rapid, **kwargs).logits
 
 
-def _image_size(model: nn.Module, image_size: int | tuple[int, int] | None) -> tuple[tuple[int, int], bool]:
-    """(height, width) of the exported input, and whether it differs from the model's own size."""
-    config = getattr(getattr(model, "config", None), "encoder_config", None)
-    if config is None or not hasattr(config, "image_size"):
-        raise ValueError("model has no config.image_size: export_onnx needs a Rapid image classifier")
-    own = config.image_size
-    own = (own, own) if isinstance(own, int) else tuple(own)
+def _image_size(encoder: Any, image_size: int | tuple[int, int] | None) -> tuple[tuple[int, int], bool]:
+    """(height, width) of the exported input, and whether it differs from the encoder config's own size."""
+    own = as_pair(encoder.image_size)
     if image_size is None:
         return own, False
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     if len(size) != 2 or not all(isinstance(side, int) and side > 0 for side in size):
         raise ValueError(f"image_size must be a positive int or (height, width), got {image_size!r}")
-    patch = config.patch_size if isinstance(config.patch_size, int) else config.patch_size[0]
-    if any(side % patch for side in size):
-        raise ValueError(f"image_size {size} must be a multiple of the patch size {patch}")
+    patch = as_pair(encoder.patch_size)
+    if size[0] % patch[0] or size[1] % patch[1]:
+        raise ValueError(f"image_size {size} must be a multiple of the patch size {patch[0]}")
     return size, size != own
 
 
@@ -88,15 +84,17 @@ def export_onnx(
     path = Path(path)
     if path.suffix != ".onnx":
         raise ValueError(f"path must end in .onnx, got {str(path)!r}")
+    encoder = getattr(getattr(model, "config", None), "encoder_config", None)
+    if encoder is None or not hasattr(encoder, "image_size"):
+        raise ValueError("model has no config.image_size: export_onnx needs a Rapid image classifier")
     settings = model.rapid if rapid is None else as_rapid_config(rapid)
-    (height, width), interpolate = _image_size(model, image_size)
-    encoder = model.config.encoder_config
-    patch = encoder.patch_size if isinstance(encoder.patch_size, int) else encoder.patch_size[0]
+    (height, width), interpolate = _image_size(encoder, image_size)
+    patch = as_pair(encoder.patch_size)
     num_protected = model.config.num_protected_tokens
     num_channels = encoder.num_channels
     settings.validate_for_model(
         num_layers=encoder.num_hidden_layers,
-        num_tokens=(height // patch) * (width // patch) + num_protected,
+        num_tokens=(height // patch[0]) * (width // patch[1]) + num_protected,
         num_protected=num_protected,
     )
     was_training = model.training

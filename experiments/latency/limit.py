@@ -34,6 +34,7 @@ from rapid_hf.evaluation.flops import model_flops  # noqa: E402
 from rapid_hf.evaluation.report import run_info  # noqa: E402
 from rapid_hf.evaluation.throughput import time_forward  # noqa: E402
 from rapid_hf.reduction.config import RapidConfig  # noqa: E402
+from rapid_hf.reduction.matching import removal_cap  # noqa: E402
 from rapid_hf.reduction.steps import layer_steps  # noqa: E402
 
 METHODS = ["tome", "rapid"]
@@ -54,7 +55,7 @@ def free_reduction_forward(model: Any, pixel_values: torch.Tensor, rapid: RapidC
         bias = zero_bias[..., : hidden.shape[1]] if merged else None
         hidden, _, _ = layer.attention_residual(hidden, bias)
         if step.operation is not None:
-            cap = (hidden.shape[1] - backbone.num_protected_tokens) // 2
+            cap = removal_cap(hidden.shape[1], backbone.num_protected_tokens)
             hidden = hidden[:, : hidden.shape[1] - min(step.r, cap)]
             merged = merged or step.operation.startswith("merge")
         hidden = layer.mlp_residual(hidden)

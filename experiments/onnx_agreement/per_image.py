@@ -9,9 +9,7 @@ a general drift; this counts them. Writes per_image_<method>_r<r>.json next to t
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -23,7 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).parent))
 
-from run import AGREEMENT_BATCH, load_photos, session  # noqa: E402
+from run import AGREEMENT_BATCH, load_photos, paired_logits, photo_parser  # noqa: E402
 
 from rapid_hf import RapidConfig  # noqa: E402
 from rapid_hf.evaluation.loading import load_rapid_model  # noqa: E402
@@ -31,11 +29,7 @@ from rapid_hf.export import export_onnx  # noqa: E402
 
 
 def main() -> None:
-    assets = Path(os.environ.get("RAPID_HF_ASSETS", REPO.parent / "shared" / "assets"))
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=str(assets / "deit-tiny-imagenet"))
-    parser.add_argument("--data-dirs", nargs="+",
-                        default=[str(assets / "imagenet-sample-dev"), str(assets / "imagenet-val-dev")])
+    parser = photo_parser(__doc__)
     parser.add_argument("--method", default="tome")
     parser.add_argument("--r", type=int, default=8)
     parser.add_argument("--tolerance", type=float, default=1e-3)
@@ -48,15 +42,8 @@ def main() -> None:
     photos, names = load_photos([Path(d) for d in args.data_dirs], AutoImageProcessor.from_pretrained(args.model))
     rapid = RapidConfig(method=args.method, r=args.r)
     path = export_onnx(model, Path(tempfile.mkdtemp()) / "model.onnx", rapid=rapid, batch_size=AGREEMENT_BATCH)
-    ort = session(path, args.threads)
-    diffs = []
-    with torch.inference_mode():
-        for start in range(0, len(photos), AGREEMENT_BATCH):
-            batch = photos[start:start + AGREEMENT_BATCH]
-            expected = model(pixel_values=batch, rapid=rapid).logits.numpy()
-            actual = ort.run(None, {"pixel_values": batch.numpy()})[0]
-            diffs.append(np.abs(expected - actual).max(axis=-1))
-    per_photo = np.concatenate(diffs)
+    expected, actual = paired_logits(model, rapid, path, photos)
+    per_photo = np.abs(expected - actual).max(axis=-1)
     over = np.flatnonzero(per_photo > args.tolerance)
     result = {
         "command": "RAPID_HF_ASSETS=../shared/assets python experiments/onnx_agreement/per_image.py "

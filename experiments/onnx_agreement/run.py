@@ -71,7 +71,9 @@ def session(path: Path, threads: int):
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def agreement(model, rapid: RapidConfig, path: Path, photos: torch.Tensor) -> dict:
+def paired_logits(model, rapid: RapidConfig, path: Path, photos: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Logits of PyTorch eager and of onnxruntime running the file at `path`, over `photos` in the same batches
+    of AGREEMENT_BATCH (onnxruntime on torch's current thread count)."""
     ort = session(path, torch.get_num_threads())
     torch_logits, ort_logits = [], []
     with torch.inference_mode():
@@ -79,7 +81,21 @@ def agreement(model, rapid: RapidConfig, path: Path, photos: torch.Tensor) -> di
             batch = photos[start:start + AGREEMENT_BATCH]
             torch_logits.append(model(pixel_values=batch, rapid=rapid).logits.numpy())
             ort_logits.append(ort.run(None, {"pixel_values": batch.numpy()})[0])
-    expected, actual = np.concatenate(torch_logits), np.concatenate(ort_logits)
+    return np.concatenate(torch_logits), np.concatenate(ort_logits)
+
+
+def photo_parser(description: str | None) -> argparse.ArgumentParser:
+    """The studies' common flags: the model and the photo folders (default: the shared assets)."""
+    assets = Path(os.environ.get("RAPID_HF_ASSETS", REPO.parent / "shared" / "assets"))
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=str(assets / "deit-tiny-imagenet"))
+    parser.add_argument("--data-dirs", nargs="+",
+                        default=[str(assets / "imagenet-sample-dev"), str(assets / "imagenet-val-dev")])
+    return parser
+
+
+def agreement(model, rapid: RapidConfig, path: Path, photos: torch.Tensor) -> dict:
+    expected, actual = paired_logits(model, rapid, path, photos)
     same = expected.argmax(-1) == actual.argmax(-1)
     return {"images": len(photos), "top1_agreement": float(same.mean()), "top1_disagreements": int((~same).sum()),
             "max_abs_logit_diff": float(np.abs(expected - actual).max())}
@@ -155,11 +171,7 @@ def markdown(results: dict) -> str:
 
 
 def main() -> None:
-    assets = Path(os.environ.get("RAPID_HF_ASSETS", REPO.parent / "shared" / "assets"))
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=str(assets / "deit-tiny-imagenet"))
-    parser.add_argument("--data-dirs", nargs="+",
-                        default=[str(assets / "imagenet-sample-dev"), str(assets / "imagenet-val-dev")])
+    parser = photo_parser(__doc__)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="latency thread counts")
     parser.add_argument("--repeats", type=int, default=20, help="latency rounds (median)")
     parser.add_argument("--number", type=int, default=5, help="forwards per row per round")

@@ -74,11 +74,13 @@ class Fidelity:
     kl: float
     agreement: float
 
+    def order_key(self, objective: Objective = "kl") -> tuple[float, float]:
+        """Sort key under `objective`, lower is better (the other measure breaks ties)."""
+        return (-self.agreement, self.kl) if objective == "agreement" else (self.kl, -self.agreement)
+
     def better_than(self, other: Fidelity, objective: Objective = "kl") -> bool:
-        """Strictly better under `objective` (the other measure breaks ties)."""
-        if objective == "agreement":
-            return (-self.agreement, self.kl) < (-other.agreement, other.kl)
-        return (self.kl, -self.agreement) < (other.kl, -other.agreement)
+        """Strictly better under `objective`."""
+        return self.order_key(objective) < other.order_key(objective)
 
 
 @dataclass(frozen=True)
