@@ -34,7 +34,7 @@ sys.path[:0] = [str(HERE.parents[1]), str(HERE)]  # this checkout's rapid_hf, th
 
 from photos import pixel_rows, rows_of  # noqa: E402
 
-from rapid_hf.calibration import Fidelity, calibrate, layer_statistics  # noqa: E402
+from rapid_hf.calibration import calibrate, layer_statistics  # noqa: E402
 from rapid_hf.calibration.statistics import auto_switch_layer  # noqa: E402
 from rapid_hf.evaluation.accuracy import Predictions, paired_bootstrap_ci, predict, summarize  # noqa: E402
 from rapid_hf.evaluation.data import make_dataloader  # noqa: E402
@@ -123,7 +123,7 @@ def run_calibration(model: Any, image_processor: Any, args: argparse.Namespace) 
                                  "kl": result.fidelity.kl, "agreement": result.fidelity.agreement}
         for mode in ("shift", "protect"):  # the best config of each reading of rho among the trials
             trials = [t for t in result.trials if t.settings["importance_mode"] == mode]
-            best = min(trials, key=lambda t: Fidelity(t.kl, t.agreement).order_key(args.objective))
+            best = min(trials, key=lambda t: t.fidelity.order_key(args.objective))
             entry[f"best_{mode}"] = {"rapid": start.replace(**best.settings).to_dict(), "kl": best.kl,
                                      "agreement": best.agreement}
         entry["chosen_reading"] = result.rapid.importance_mode

@@ -3,12 +3,14 @@
 The unreduced logits are computed once; each candidate `RapidConfig` is scored on the calibration images by
 the objective: `"kl"` (default) the mean KL(unreduced || reduced), ties by higher top-1 agreement; `"agreement"`
 the top-1 agreement with the unreduced model, ties by lower KL (what a user who serves the top-1 class cares
-about; on few images it is coarser: one image moves it by 1 / images). The search sweeps one knob at a time over its
-grid, keeping the best value, and repeats the sweeps until a round changes nothing. Knobs that cannot matter
-for the current point are skipped (tau when K = 0; lambda and the merge mode when K = L). RAPID with K = 0,
-lambda = 0 and mean merging is exactly ToMe; when the searched knobs can reach that point it is scored first
-and the search starts from it if it beats the given start, so on the calibration images the chosen RAPID is
-never worse than ToMe.
+about; on few images it is coarser: one image moves it by 1 / images); `"top1_nll"` the mean cross-entropy of the
+reduced model against the unreduced model's top-1 class, ties by higher agreement (aimed at agreement like
+`"agreement"`, but every image informs it continuously, like KL, instead of only the images near a flip). The
+search sweeps one knob at a time over its grid, keeping the best value, and repeats the sweeps until a round
+changes nothing. Knobs that cannot matter for the current point are skipped (tau when K = 0; lambda and the
+merge mode when K = L). RAPID with K = 0, lambda = 0 and mean merging is exactly ToMe; when the searched knobs
+can reach that point it is scored first and the search starts from it if it beats the given start, so on the
+calibration images the chosen RAPID is never worse than ToMe.
 
 RAPID's rho is not searched by default: with `importance_mode="shift"` (eq. 2 as written) it only sets theta,
 and eq. (2) subtracts `lambda * (a_i - theta)`, so theta shifts every source of an image by the same amount and
@@ -30,7 +32,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from rapid_hf.calibration.statistics import MIN_REDUNDANT_FRACTION, auto_switch_layer, layer_statistics
-from rapid_hf.evaluation.fidelity import kl_divergence, top1_agreement
+from rapid_hf.evaluation.fidelity import kl_divergence, top1_agreement, top1_nll
 from rapid_hf.reduction.config import AUTO, RapidConfig
 
 DEFAULT_GRID: dict[str, tuple[Any, ...]] = {
@@ -41,8 +43,8 @@ DEFAULT_GRID: dict[str, tuple[Any, ...]] = {
     "importance_mode": ("shift", "protect"),
     "importance_source": ("attention", "per_patch"),
 }
-Objective = Literal["kl", "agreement"]
-OBJECTIVES: tuple[Objective, ...] = ("kl", "agreement")
+Objective = Literal["kl", "agreement", "top1_nll"]
+OBJECTIVES: tuple[Objective, ...] = ("kl", "agreement", "top1_nll")
 # RAPID knobs that make it exactly ToMe.
 TOME_POINT: dict[str, Any] = {
     "switch_layer": 0, "importance_weight": 0.0, "merge_mode": "mean", "importance_mode": "shift"
@@ -69,14 +71,18 @@ def default_searched(rapid: RapidConfig) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class Fidelity:
-    """Mean KL(unreduced || reduced) in nats and top-1 agreement with the unreduced model."""
+    """Mean KL(unreduced || reduced) in nats, top-1 agreement with the unreduced model, and the mean
+    cross-entropy against the unreduced model's top-1 class (`top1_nll`, nats)."""
 
     kl: float
     agreement: float
+    top1_nll: float
 
     def order_key(self, objective: Objective = "kl") -> tuple[float, float]:
-        """Sort key under `objective`, lower is better (the other measure breaks ties)."""
-        return (-self.agreement, self.kl) if objective == "agreement" else (self.kl, -self.agreement)
+        """Sort key under `objective`, lower is better (ties: KL for agreement, agreement otherwise)."""
+        if objective == "agreement":
+            return (-self.agreement, self.kl)
+        return (self.top1_nll if objective == "top1_nll" else self.kl, -self.agreement)
 
     def better_than(self, other: Fidelity, objective: Objective = "kl") -> bool:
         """Strictly better under `objective`."""
@@ -90,6 +96,11 @@ class Trial:
     settings: dict[str, Any]
     kl: float
     agreement: float
+    top1_nll: float
+
+    @property
+    def fidelity(self) -> Fidelity:
+        return Fidelity(self.kl, self.agreement, self.top1_nll)
 
 
 @dataclass
@@ -156,6 +167,7 @@ def measure_fidelity(
     return Fidelity(
         kl=kl_divergence(reference_logits, logits).mean().item(),
         agreement=top1_agreement(reference_logits, logits).float().mean().item(),
+        top1_nll=top1_nll(reference_logits, logits).mean().item(),
     )
 
 
@@ -207,7 +219,7 @@ def calibrate(
     The reduction amount (r or output_tokens) and every knob not searched stay as given. `switch_layer="auto"`
     is resolved by the token-statistics rule first and used as the starting K. The model's own setting is left
     unchanged; apply the result with `model.set_rapid(result.rapid)` or `save_calibrated`. `objective` is what the
-    search minimises: `"kl"` or `"agreement"` (see the module docstring).
+    search optimises: `"kl"`, `"agreement"` or `"top1_nll"` (see the module docstring).
     """
     _check_inputs(model, pixel_values, batch_size)
     if objective not in OBJECTIVES:
@@ -253,7 +265,7 @@ def calibrate(
         if key not in scored:
             scored[key] = measure_fidelity(model, pixel_values, reference, candidate, batch_size)
             settings = {name: getattr(candidate, name) for name in searched}
-            trials.append(Trial(settings, scored[key].kl, scored[key].agreement))
+            trials.append(Trial(settings, **asdict(scored[key])))
             bar.update()
         return scored[key]
 

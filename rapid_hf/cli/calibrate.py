@@ -52,9 +52,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--search", type=common.comma_list(str, "knob names"),
                         help="knobs to search (default: all of the method's: "
                         + "; ".join(f"{m}: {','.join(k)}" for m, k in SEARCHED.items()) + ")")
-    parser.add_argument("--objective", choices=["kl", "agreement"], default="kl",
+    parser.add_argument("--objective", choices=["kl", "agreement", "top1_nll"], default="kl",
                         help="what the search optimises on the calibration images: mean KL from the unreduced model "
-                        "(ties: agreement) or top-1 agreement with it (ties: KL)")
+                        "(ties: agreement), top-1 agreement with it (ties: KL), or the mean cross-entropy against "
+                        "its top-1 class (ties: agreement)")
     parser.add_argument("--max-rounds", type=common.positive_int, default=3, help="coordinate-search rounds at most")
     parser.add_argument("--batch-size", type=common.positive_int, default=50, help="images per forward pass")
     parser.add_argument("--output", "--output-dir", dest="output", required=True,
@@ -99,6 +100,7 @@ def run(args: argparse.Namespace) -> None:
                "calibration_rows": rows, "command": common.command_line(NAME, args.argv)}
     save_calibrated(model, result, args.output, processor, context)
     common.print_json({"rapid": result.rapid.to_dict(), "kl": result.fidelity.kl,
-                       "agreement": result.fidelity.agreement, "start_kl": result.start_fidelity.kl,
+                       "agreement": result.fidelity.agreement,
+                       "top1_nll": result.fidelity.top1_nll, "start_kl": result.start_fidelity.kl,
                        "trials": len(result.trials), "seconds": round(result.seconds, 1)})
     print(f"wrote {args.output} (config.json with the chosen values, calibration.json with the search log)")

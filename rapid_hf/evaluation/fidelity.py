@@ -16,3 +16,9 @@ def kl_divergence(reference_logits: Tensor, logits: Tensor) -> Tensor:
     reference = torch.log_softmax(reference_logits.float(), dim=-1)
     reduced = torch.log_softmax(logits.float(), dim=-1)
     return (reference.exp() * (reference - reduced)).sum(dim=-1)
+
+
+def top1_nll(reference_logits: Tensor, logits: Tensor) -> Tensor:
+    """Per-image -log p_reduced(unreduced top-1 class), in nats (float32): a smooth stand-in for agreement."""
+    reduced = torch.log_softmax(logits.float(), dim=-1)
+    return -reduced.gather(-1, reference_logits.argmax(dim=-1, keepdim=True)).squeeze(-1)
