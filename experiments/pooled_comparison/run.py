@@ -7,9 +7,11 @@ Rows with index % 5 == 0 of each set calibrate (100 + 126 = 226 photos), all the
 Stage "calibrate" chooses, on the calibration rows of both sets together, RAPID's `switch_layer="auto"` (the
 token-statistics rule) and the calibrated configs (`rapid_hf.calibration.calibrate`, timed per setting), and writes
 calibration.json; with `--objective agreement` the search maximises top-1 agreement instead of minimising KL and
-writes calibration_agreement.json (its choice is the row "rapid-calibrated-agreement"); with
-`--importance-source per_patch` the KL search runs with that source of importance fixed and writes
-calibration_per_patch.json (rows "rapid-per-patch", paper defaults, and "rapid-calibrated-per-patch").
+writes calibration_agreement.json (its choice is the row "rapid-calibrated-agreement"), with `--objective top1_nll`
+it minimises the cross-entropy against the unreduced top-1 class (calibration_top1_nll.json,
+"rapid-calibrated-top1-nll"); with `--importance-source per_patch` the KL search runs with that source of
+importance fixed and writes calibration_per_patch.json (rows "rapid-per-patch", paper defaults, and
+"rapid-calibrated-per-patch").
 Stage "evaluate" runs none, ToMe, ToFu, RAPID (defaults, auto K, calibrated by each search), crucial merging and
 RAPID's "protect" reading of rho (defaults and calibrated) on the report rows with `rapid_hf.evaluation.accuracy`
 (`predict`, `summarize`), at r = 4, 8, 12, 16, 17 and 8 output tokens, and writes results.json / results.md: top-1,
@@ -35,6 +37,7 @@ sys.path[:0] = [str(HERE.parents[1]), str(HERE)]  # this checkout's rapid_hf, th
 from photos import pixel_rows, rows_of  # noqa: E402
 
 from rapid_hf.calibration import calibrate, layer_statistics  # noqa: E402
+from rapid_hf.calibration.search import OBJECTIVES  # noqa: E402
 from rapid_hf.calibration.statistics import auto_switch_layer  # noqa: E402
 from rapid_hf.evaluation.accuracy import Predictions, paired_bootstrap_ci, predict, summarize  # noqa: E402
 from rapid_hf.evaluation.data import make_dataloader  # noqa: E402
@@ -64,8 +67,10 @@ SEARCH: dict[str, Any] = {
     },
     "max_rounds": 1,
 }
+# The row of each search run with another objective than KL (same start, grid and photos).
+OBJECTIVE_ROWS = {"agreement": "rapid-calibrated-agreement", "top1_nll": "rapid-calibrated-top1-nll"}
 METHOD_ORDER = ["none", "tome", "tofu", "rapid", "rapid-auto", "rapid-calibrated", "rapid-calibrated-shift",
-                "rapid-calibrated-protect", "rapid-calibrated-agreement", "rapid-per-patch",
+                "rapid-calibrated-protect", *OBJECTIVE_ROWS.values(), "rapid-per-patch",
                 "rapid-calibrated-per-patch", "crucial", "rapid-protect"]
 
 
@@ -89,7 +94,7 @@ def calibration_path(variant: str) -> Path:
 
 
 def search_variant(args: argparse.Namespace) -> str:
-    """Which calibration search a calibrate stage runs: "kl", "agreement" or "per_patch"."""
+    """Which calibration search a calibrate stage runs: its objective, or "per_patch"."""
     if args.importance_source == "per_patch":
         if args.objective != "kl":
             raise SystemExit("--importance-source per_patch runs the KL search: drop --objective")
@@ -133,13 +138,14 @@ def run_calibration(model: Any, image_processor: Any, args: argparse.Namespace) 
     return log
 
 
-PARTS = ("fixed", "calibrated", "agreement", "per_patch")
+PARTS = ("fixed", "calibrated", *OBJECTIVE_ROWS, "per_patch")
+SEARCHES = ("kl", *OBJECTIVE_ROWS, "per_patch")
 
 
 def variants_for(calibrations: dict[str, dict[str, Any]], part: str) -> list[Variant]:
     """The rows of one part: "fixed" (need nothing but auto K), "calibrated" (the best config of each reading
-    of rho found by the KL search) or "agreement" (the choice of the agreement search). The parts run as separate
-    passes so the first can start while calibrating."""
+    of rho found by the KL search), an objective of `OBJECTIVE_ROWS` (the choice of that search) or "per_patch".
+    The parts run as separate passes so the first can start while calibrating."""
     calibration = calibrations["kl"]
     auto_k = calibration["auto_switch_layer"]
     variants = [Variant("none", RapidConfig(method="none"))] if part == "fixed" else []
@@ -151,9 +157,9 @@ def variants_for(calibrations: dict[str, dict[str, Any]], part: str) -> list[Var
                 Variant("crucial", RapidConfig(method="crucial", importance_ratio=CRUCIAL_RATIO, **amount)),
                 Variant("rapid-protect", RapidConfig(method="rapid", importance_mode="protect", **amount)),
             ]
-        elif part == "agreement":
-            chosen = calibrations["agreement"]["settings"][label_of(amount)]["chosen"]
-            variants.append(Variant("rapid-calibrated-agreement", RapidConfig.from_dict(chosen)))
+        elif part in OBJECTIVE_ROWS:
+            chosen = calibrations[part]["settings"][label_of(amount)]["chosen"]
+            variants.append(Variant(OBJECTIVE_ROWS[part], RapidConfig.from_dict(chosen)))
         elif part == "per_patch":
             chosen = calibrations["per_patch"]["settings"][label_of(amount)]["chosen"]
             variants += [
@@ -348,7 +354,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--part", choices=[*PARTS, "all"], default="all",
                         help="evaluate only the fixed rows or only the calibrated rows (tables need both saved)")
-    parser.add_argument("--objective", choices=["kl", "agreement"], default="kl",
+    parser.add_argument("--objective", choices=OBJECTIVES, default="kl",
                         help="the calibration search's objective (stage calibrate)")
     parser.add_argument("--importance-source", choices=["attention", "per_patch"], default="attention",
                         help="RAPID's source of importance, fixed during the search (stage calibrate)")
@@ -365,7 +371,7 @@ def main() -> None:
     if args.stage == "calibrate":
         return
     calibrations = {variant: json.loads(calibration_path(variant).read_text())
-                    for variant in ("kl", "agreement", "per_patch")}
+                    for variant in SEARCHES}
     calibration = calibrations["kl"]
     parts_to_run = PARTS if args.part == "all" else (args.part,)
     if not args.reuse_predictions:
