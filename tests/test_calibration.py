@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +28,7 @@ from rapid_hf.calibration import (
     save_calibrated,
 )
 from rapid_hf.calibration.statistics import redundant_fraction
-from rapid_hf.evaluation.fidelity import kl_divergence
+from rapid_hf.evaluation.fidelity import kl_divergence, top1_nll
 from rapid_hf.reduction.matching import bipartite_similarity
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -150,14 +152,46 @@ def test_agreement_objective_picks_the_trial_with_the_highest_agreement(tiny_mod
     assert by_kl.fidelity.kl == pytest.approx(min(t.kl for t in by_kl.trials))
 
 
+def test_top1_nll_objective_picks_the_trial_with_the_lowest_top1_nll(tiny_model, images):
+    start = RapidConfig(r=6, switch_layer=2)
+    result = calibrate(tiny_model, images, start, grid=GRID, batch_size=6, max_rounds=1, progress=False,
+                       objective="top1_nll")
+    assert result.objective == "top1_nll" and result.to_dict()["trials"][0].keys() >= {"kl", "top1_nll"}
+    assert result.fidelity.top1_nll == pytest.approx(min(t.top1_nll for t in result.trials))
+    reference = predict_logits(tiny_model, images, RapidConfig(method="none"))
+    logits = predict_logits(tiny_model, images, result.rapid)
+    assert result.fidelity.top1_nll == pytest.approx(top1_nll(reference, logits).mean().item(), rel=1e-5)
+
+
+def test_top1_nll_is_the_cross_entropy_against_the_unreduced_top1_class():
+    reference = torch.tensor([[1.0, 3.0, 0.0], [5.0, 0.0, 0.0]])
+    logits = torch.tensor([[0.0, 0.0, 0.0], [0.0, 2.0, 0.0]])
+    expected = torch.tensor([math.log(3.0), math.log(2.0 + math.exp(2.0))])
+    assert torch.allclose(top1_nll(reference, logits), expected)
+    assert torch.allclose(top1_nll(reference, reference), -torch.log_softmax(reference, -1).max(-1).values)
+
+
 def test_fidelity_order_depends_on_the_objective():
     from rapid_hf.calibration import Fidelity
 
-    sharp, faithful = Fidelity(kl=0.10, agreement=0.90), Fidelity(kl=0.05, agreement=0.85)
+    sharp = Fidelity(kl=0.10, agreement=0.90, top1_nll=0.20)
+    faithful = Fidelity(kl=0.05, agreement=0.85, top1_nll=0.30)
     assert faithful.better_than(sharp) and not sharp.better_than(faithful)
     assert sharp.better_than(faithful, "agreement") and not faithful.better_than(sharp, "agreement")
-    tie = Fidelity(kl=0.04, agreement=0.90)
+    assert sharp.better_than(faithful, "top1_nll") and not faithful.better_than(sharp, "top1_nll")
+    tie = Fidelity(kl=0.04, agreement=0.90, top1_nll=0.50)
     assert tie.better_than(sharp, "agreement")  # equal agreement: the lower KL wins
+    assert Fidelity(kl=0.2, agreement=0.95, top1_nll=0.20).better_than(sharp, "top1_nll")  # tie: agreement
+
+
+def test_calibrate_command_offers_every_objective():
+    from rapid_hf.calibration.search import OBJECTIVES
+    from rapid_hf.cli import calibrate as command
+
+    parser = argparse.ArgumentParser()
+    command.add_arguments(parser)
+    choices = next(action.choices for action in parser._actions if action.dest == "objective")
+    assert tuple(choices) == OBJECTIVES
 
 
 def test_calibration_searches_only_the_methods_knobs(tiny_model, images):
