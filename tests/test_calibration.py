@@ -119,7 +119,7 @@ def test_rapid_with_k0_and_lambda0_is_exactly_tome(tiny_model, images):
 def test_calibration_picks_grid_values_and_saves_them(tiny_model, images, tmp_path):
     tiny_model.set_rapid(RapidConfig(method="tome", r=2))
     start = RapidConfig(r=6, switch_layer="auto")
-    result = calibrate(tiny_model, images, start, grid=GRID, batch_size=4, progress=False)
+    result = calibrate(tiny_model, images, start, grid=GRID, batch_size=4, progress=False, objective="kl")
     assert tiny_model.rapid == RapidConfig(method="tome", r=2)  # the model's own setting is untouched
     chosen = result.rapid
     assert chosen.r == 6 and chosen.method == "rapid"
@@ -148,7 +148,8 @@ def test_agreement_objective_picks_the_trial_with_the_highest_agreement(tiny_mod
     best = max(result.trials, key=lambda t: (t.agreement, -t.kl))
     assert result.fidelity.agreement == best.agreement and result.fidelity.kl == pytest.approx(best.kl)
     # the KL search over the same grid may land elsewhere, but never on a lower KL than its own choice
-    by_kl = calibrate(tiny_model, images, start, grid=GRID, batch_size=6, max_rounds=1, progress=False)
+    by_kl = calibrate(tiny_model, images, start, grid=GRID, batch_size=6, max_rounds=1, progress=False,
+                      objective="kl")
     assert by_kl.fidelity.kl == pytest.approx(min(t.kl for t in by_kl.trials))
 
 

@@ -176,7 +176,7 @@ def variants_for(calibrations: dict[str, dict[str, Any]], part: str) -> list[Var
 
 
 def with_calibrated_rows(records: list[dict[str, Any]], calibration: dict[str, Any]) -> list[dict[str, Any]]:
-    """Add "rapid-calibrated": the row of the reading the search chose (on the calibration photos)."""
+    """Add "rapid-calibrated": the row of the reading the KL search chose (on the calibration photos)."""
     added = []
     for record in records:
         added.append(record)
@@ -304,7 +304,8 @@ def counts(rows: dict[str, int]) -> str:
     return " + ".join(f"{n} ({name})" for name, n in rows.items()) + f" = {sum(rows.values())}"
 
 
-def write_report(results: dict[str, Any], calibration: dict[str, Any]) -> None:
+def write_report(results: dict[str, Any], calibrations: dict[str, dict[str, Any]]) -> None:
+    calibration = calibrations["kl"]
     lines = [
         "# Pooled comparison: every method on both dev sets, calibration photos held apart",
         "",
@@ -329,17 +330,20 @@ def write_report(results: dict[str, Any], calibration: dict[str, Any]) -> None:
                  check["agreement_interval_above_0"]]
         lines.append(f"| {label} | " + " | ".join("-" if c is None else ("yes" if c else "no") for c in cells) + " |")
     lines += ["", "## Calibrated configs (chosen on the calibration photos) and search time", "",
-              "| setting | variant | config | trials | seconds |", "|---|---|---|---|---|"]
+              "`rapid-calibrated` is the KL search's choice: its best config of each reading of rho are the rows "
+              "`rapid-calibrated-shift` / `-protect`; the other searches' choices are their own rows.", "",
+              "| setting | search | variant | config | trials | seconds |", "|---|---|---|---|---|---|"]
     defaults = RapidConfig().to_dict()
-    for label, entry in calibration["settings"].items():
-        for name, chosen in entry.items():
-            if not name.startswith("best_"):
-                continue
-            changed = {k: v for k, v in chosen["rapid"].items() if v != defaults.get(k) and k not in ("r",
-                       "output_tokens")}
-            picked = " (chosen)" if name == f"best_{entry['chosen_reading']}" else ""
-            lines.append(f"| {label} | {name}{picked} | `{json.dumps(changed)}` | {entry['num_trials']} | "
-                         f"{entry['seconds']} |")
+    for search, log in calibrations.items():
+        for label, entry in log["settings"].items():
+            chosen = {name: value["rapid"] for name, value in entry.items() if name.startswith("best_")}
+            if search != "kl":
+                chosen = {"chosen": entry["chosen"]}
+            for name, rapid in chosen.items():
+                changed = {k: v for k, v in rapid.items() if v != defaults.get(k) and k not in ("r", "output_tokens")}
+                picked = " (chosen)" if name == f"best_{entry['chosen_reading']}" else ""
+                lines.append(f"| {label} | {search} | {name}{picked} | `{json.dumps(changed)}` | "
+                             f"{entry['num_trials']} | {entry['seconds']} |")
     for name, records in results["per_set"].items():
         lines += ["", f"## {name} report photos", "", *markdown_table(records)]
     (HERE / "results.md").write_text("\n".join(lines) + "\n")
@@ -405,7 +409,7 @@ def main() -> None:
     # The pooled rows as harness records (what `rapid-hf push --results` reads for the model cards)
     records = [{**record, "model": relative(args.model), "data_source": "imagefolder"} for record in pooled_records]
     (HERE / "records.json").write_text(json.dumps({"command": command_line(), "records": records}, indent=2) + "\n")
-    write_report(results, calibration)
+    write_report(results, calibrations)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 - `layer_statistics` / `auto_switch_layer` / `resolve_auto_switch_layer`: the `switch_layer="auto"` rule from
   the model's own token statistics (one unreduced pass over the calibration images).
 - `calibrate`: coordinate search of RAPID's K, tau, lambda and merge mode (ToFu's K, crucial merging's rho)
-  minimising KL(unreduced || reduced) on the calibration images.
+  minimising KL(unreduced || reduced) on the calibration images (or another `objective`).
 - `load_calibration_images` / `save_calibrated`: the calibration rows of a dataset; the chosen values written
   into the saved model's config.json, with the search log beside it.
 """
