@@ -6,12 +6,11 @@ the top-1 agreement with the unreduced model, ties by lower KL (what a user who 
 about; coarse on few images: one image moves it by 1 / images); `"top1_nll"` the mean cross-entropy of the
 reduced model against the unreduced model's top-1 class, ties by higher agreement (aimed at agreement, yet
 informed continuously by every image). On held-apart photos neither alternative beat KL
-(experiments/pooled_comparison/README.md). The
-search sweeps one knob at a time over its grid, keeping the best value, and repeats the sweeps until a round
-changes nothing. Knobs that cannot matter for the current point are skipped (tau when K = 0; lambda and the
-merge mode when K = L). RAPID with K = 0, lambda = 0 and mean merging is exactly ToMe; when the searched knobs
-can reach that point it is scored first and the search starts from it if it beats the given start, so on the
-calibration images the chosen RAPID is never worse than ToMe.
+(experiments/pooled_comparison/README.md). The search sweeps one knob at a time over its grid, keeping the best
+value, and repeats the sweeps until a round changes nothing. Knobs that cannot matter for the current point are
+skipped (tau when K = 0; lambda and the merge mode when K = L). RAPID with K = 0, lambda = 0 and mean merging is
+exactly ToMe; when the searched knobs can reach that point it is scored first and the search starts from it if
+it beats the given start, so on the calibration images the chosen RAPID is never worse than ToMe.
 
 RAPID's rho is not searched by default: with `importance_mode="shift"` (eq. 2 as written) it only sets theta,
 and eq. (2) subtracts `lambda * (a_i - theta)`, so theta shifts every source of an image by the same amount and
