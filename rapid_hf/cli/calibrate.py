@@ -37,6 +37,7 @@ def switch_layer_arg(text: str) -> int | str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from rapid_hf.calibration import SEARCHED
+    from rapid_hf.calibration.search import DEFAULT_OBJECTIVE, OBJECTIVES
     from rapid_hf.reduction.config import AUTO
 
     common.add_model_argument(parser)
@@ -52,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--search", type=common.comma_list(str, "knob names"),
                         help="knobs to search (default: all of the method's: "
                         + "; ".join(f"{m}: {','.join(k)}" for m, k in SEARCHED.items()) + ")")
-    parser.add_argument("--objective", choices=["kl", "agreement", "top1_nll"], default="kl",
+    parser.add_argument("--objective", choices=OBJECTIVES, default=DEFAULT_OBJECTIVE,
                         help="what the search optimises on the calibration images: mean KL from the unreduced model "
                         "(ties: agreement), top-1 agreement with it (ties: KL), or the mean cross-entropy against "
                         "its top-1 class (ties: agreement)")
