@@ -21,6 +21,7 @@ own overhead). `latency_grid` runs `benchmark` at every (thread count, batch siz
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 import time
@@ -168,7 +169,7 @@ def benchmark(
         for _ in range(warmup):
             forward(variant.rapid)
         counted, token_counts = counted_flops(model, pixel_values[:2], variant.rapid)
-        profiled = profile_forward(lambda rapid=variant.rapid: forward(rapid), device) if measure_memory else None
+        profiled = profile_forward(functools.partial(forward, variant.rapid), device) if measure_memory else None
         measured[position] = {
             "token_counts": token_counts,
             "gflops": model_flops(model, token_counts, variant.rapid).total / 1e9,
@@ -180,7 +181,7 @@ def benchmark(
     for repeat in tqdm(range(repeats), desc=f"benchmark batch {batch_size}", disable=not progress):
         order = list(enumerate(rows))
         for position, variant in order if repeat % 2 == 0 else order[::-1]:  # alternate: no variant always last
-            timed = lambda rapid=variant.rapid: forward(rapid)  # noqa: E731
+            timed = functools.partial(forward, variant.rapid)
             times[position].append(time_forward(timed, number, TIMERS[timer], device))
 
     baseline_time = float(np.median(times[0]))
