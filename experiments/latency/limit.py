@@ -15,6 +15,7 @@ products and per-module overhead do not shrink with the token count). Rows are i
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -86,7 +87,7 @@ def measure_cell(model: Any, batch: int, rounds: int) -> list[dict[str, Any]]:
     times: dict[str, list[float]] = {label: [] for label, _, _ in rows}
     for round_index in range(rounds):
         for label, rapid, free in rows if round_index % 2 == 0 else rows[::-1]:
-            timed = lambda rapid=rapid, free=free: forward(rapid, free)  # noqa: E731
+            timed = functools.partial(forward, rapid, free)
             times[label].append(time_forward(timed, NUMBER[batch], time.perf_counter, torch.device("cpu")))
     median = {label: statistics.median(values) for label, values in times.items()}
     records = []
