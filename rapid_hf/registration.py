@@ -1,11 +1,11 @@
 """Register the Rapid classes with transformers' Auto classes, without importing transformers before it is used.
 
 `import rapid_hf` is the one line that makes `AutoModelForImageClassification.from_pretrained` reload a saved Rapid
-model, yet `import rapid_hf.reduction` (pure torch) must not pay for importing transformers. Each Rapid module
-registers its own classes when it is imported (configs in `configuration_rapid`, models at the end of each family's
-modeling module). `import rapid_hf` imports them at once if transformers' Auto modules are already loaded, and
-otherwise asks the import system (a finder on `sys.meta_path`, removed once done) to import them right after
-those load.
+model, yet `import rapid_hf.reduction` (pure torch) must not pay for importing transformers. Each family module
+registers its own configs and classes when it is imported (`register_family` at its end; the modules are listed in
+`rapid_hf.models.families`). `import rapid_hf` imports them at once if transformers' Auto modules are already
+loaded, and otherwise asks the import system (a finder on `sys.meta_path`, removed once done) to import them right
+after those load.
 """
 
 from __future__ import annotations
@@ -18,16 +18,11 @@ from collections.abc import Callable, Collection
 from types import ModuleType
 from typing import Any
 
+from rapid_hf.models.families import FAMILY_MODULES
+
 CONFIGURATION_AUTO = "transformers.models.auto.configuration_auto"
 MODELING_AUTO = "transformers.models.auto.modeling_auto"
 MODELS_PACKAGE = "rapid_hf.models"
-CONFIGURATION_MODULE = "rapid_hf.models.configuration_rapid"
-FAMILY_MODULES: tuple[str, ...] = (
-    "rapid_hf.models.modeling_rapid",
-    "rapid_hf.models.modeling_rapid_dinov2",
-    "rapid_hf.models.modeling_rapid_clip",
-)
-"""One modeling module per family; families never import each other."""
 
 
 def import_missing(modules: tuple[str, ...]) -> None:
@@ -108,7 +103,7 @@ class RegisterAfterTransformersLoads(importlib.abc.MetaPathFinder):
             return
         self.pending = False
         uninstall()
-        import_missing((CONFIGURATION_MODULE, *FAMILY_MODULES))
+        import_missing(FAMILY_MODULES)
 
 
 def uninstall() -> None:
@@ -119,7 +114,7 @@ def uninstall() -> None:
 def register_when_transformers_loads() -> None:
     """Register now if transformers' Auto modules are loaded, else right after they load."""
     if MODELING_AUTO in sys.modules and not modules_initializing(ignore={"rapid_hf"}):
-        import_missing((CONFIGURATION_MODULE, *FAMILY_MODULES))
+        import_missing(FAMILY_MODULES)
         return
     if not any(isinstance(f, RegisterAfterTransformersLoads) for f in sys.meta_path):
         finder = RegisterAfterTransformersLoads()

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from rapid_hf import RapidConfig, get_rapid_model
-from rapid_hf.models.layers import swap_module_classes
+from rapid_hf.models.layers import LayerReduction, swap_module_classes
 from rapid_hf.reduction.config import METHODS
 
 REDUCING = [m for m in METHODS if m != "none"]
@@ -258,12 +258,15 @@ def check_layers_mirror_stock(family: Family, module_classes: dict, attention: s
         assert type(rapid) is not type(stock) and isinstance(rapid, type(stock))
         stock_attention = getattr(stock, rapid.attention_module_name)
         rapid_attention = getattr(rapid, rapid.attention_module_name)
+        reduction = LayerReduction(num_protected=family.num_protected)
         with torch.no_grad():
             expected = stock(hidden, None)
-            output, sizes, plan = rapid(hidden)
-            assert torch.equal(output, expected) and sizes is None and plan is None
+            output = rapid(hidden)
+            assert type(output) is type(expected) and torch.equal(output, expected)
+            assert torch.equal(rapid(hidden, reduction=reduction), expected) and reduction.plan is None
             expected_output, expected_weights = stock_attention(hidden, bias)
-            got_output, got_weights, keys, query = rapid_attention(hidden, bias)
+            got_output, got_weights = rapid_attention(hidden, bias, reduction=reduction)
+            keys, query = reduction.keys, reduction.query
             split = (2, family.num_tokens, -1, rapid_attention.head_dim)
             assert torch.equal(got_output, expected_output)
             assert (got_weights is None) == (expected_weights is None)

@@ -13,7 +13,7 @@ from transformers.models.deit.modeling_deit import DeiTLayer
 from transformers.models.vit.modeling_vit import ViTLayer
 
 from rapid_hf.models import modeling_rapid
-from rapid_hf.models.layers import swap_module_classes
+from rapid_hf.models.layers import LayerReduction, swap_module_classes
 
 FAMILIES = [
     pytest.param(ViTLayer, ViTConfig, modeling_rapid.MODULE_CLASSES, id="vit"),
@@ -37,25 +37,30 @@ def stock_and_rapid(layer_class, config_class, module_classes, attention: str):
 def test_layer_without_reduction_equals_the_stock_layer(layer_class, config_class, module_classes, attention):
     stock, rapid = stock_and_rapid(layer_class, config_class, module_classes, attention)
     hidden = torch.randn(2, 17, 48)
+    reduction = LayerReduction(num_protected=1)
     with torch.no_grad():
         expected = stock(hidden)
-        output, sizes, plan = rapid(hidden)
-    assert torch.equal(output, expected) and sizes is None and plan is None
+        plain, with_state = rapid(hidden), rapid(hidden, reduction=reduction)
+    assert type(plain) is type(expected) and torch.equal(plain, expected) and torch.equal(with_state, expected)
+    assert reduction.plan is None and reduction.sizes_out is None
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 @pytest.mark.parametrize("layer_class, config_class, module_classes", FAMILIES)
-def test_attention_returns_the_stock_pair_plus_keys_and_query(layer_class, config_class, module_classes, attention):
+def test_attention_returns_the_stock_pair_and_records_keys_and_query(
+    layer_class, config_class, module_classes, attention
+):
     stock, rapid = stock_and_rapid(layer_class, config_class, module_classes, attention)
     hidden = torch.randn(2, 17, 48)
     bias = torch.randn(2, 1, 1, 17)
+    reduction = LayerReduction()
     with torch.no_grad():
         expected_output, expected_weights = stock.attention(hidden, bias)
-        output, weights, keys, query = rapid.attention(hidden, bias)
+        output, weights = rapid.attention(hidden, bias, reduction=reduction)
         expected_keys = stock.attention.k_proj(hidden).view(2, 17, 3, 16).transpose(1, 2)
         expected_query = stock.attention.q_proj(hidden).view(2, 17, 3, 16).transpose(1, 2)
     assert torch.equal(output, expected_output)
     assert (weights is None) == (expected_weights is None)
     if weights is not None:
         assert torch.equal(weights, expected_weights)
-    assert torch.equal(keys, expected_keys) and torch.equal(query, expected_query)
+    assert torch.equal(reduction.keys, expected_keys) and torch.equal(reduction.query, expected_query)

@@ -79,13 +79,14 @@ def test_analytic_flops_equal_flop_counter_on_real_deit_tiny(rapid_model):
 
 def test_flop_parts_follow_the_token_counts():
     config = ViTConfig(**TINY)
-    idle = [LayerStep(None, 0)] * 4
+    idle = [LayerStep(None, 0, RapidConfig())] * 4
     full = vit_flops(config, [65] * 4, 65, idle)
     assert full.mlp == 4 * 2 * 2 * 65 * 64 * 128 and full.attention_matmuls == 4 * 2 * 2 * 65 * 65 * 64
-    merged = vit_flops(config, [33, 33, 33, 33], 65, [LayerStep("merge_important", 32), *idle[1:]])
+    merged = vit_flops(config, [33, 33, 33, 33], 65, [LayerStep("merge_important", 32, RapidConfig()), *idle[1:]])
     assert merged.reduction == 2 * 33 * 32 * 16  # bipartite similarity: 33 sources x 32 destinations x head dim
     assert merged.attention_projections == 2 * 4 * 64 * 64 * (65 + 3 * 33)
-    crucial = vit_flops(config, [57, 57, 57, 57], 65, [LayerStep("merge_crucial", 8, importance_ratio=0.25), *idle[1:]])
+    crucial_step = LayerStep("merge_crucial", 8, RapidConfig(importance_ratio=0.25))
+    crucial = vit_flops(config, [57, 57, 57, 57], 65, [crucial_step, *idle[1:]])
     assert crucial.reduction == 2 * 48 * 16 * 16  # 64 patches: 16 crucial, 48 non-crucial
     with pytest.raises(ValueError, match="one token count and one step per layer"):
         vit_flops(config, [65] * 3, 65, idle)

@@ -274,7 +274,7 @@ def test_zero_shot_pipeline_works_with_reduction_on():
     model = FAMILIES["clip"].rapid(rapid=RapidConfig(method="rapid", r=8, switch_layer=2))
     tokenizer, processor = tiny_tokenizer(), image_processor()
     seen: list[int] = []
-    model.vision_model.encoder.layers[-1].register_forward_hook(lambda m, args, out: seen.append(out[0].shape[1]))
+    model.vision_model.encoder.layers[-1].register_forward_hook(lambda m, args, out: seen.append(out.shape[1]))
     classifier = pipeline("zero-shot-image-classification", model=model, tokenizer=tokenizer, image_processor=processor)
     labels = ["cat", "dog", "car"]
     images = photos(2)

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rapid_hf.reduction.attention import per_patch_importance, size_bias
+from rapid_hf.reduction.attention import attention_importance, per_patch_importance, size_bias
 from rapid_hf.reduction.config import RapidConfig
 from rapid_hf.reduction.matching import bipartite_similarity, matching_metric
 from rapid_hf.reduction.methods import (
@@ -217,7 +217,7 @@ def test_importance_mode_is_validated_and_reaches_the_layer_steps():
     with pytest.raises(ValueError, match="importance_mode must be"):
         importance_merge_plan(SCORES, 1, 1, CLS_ATTENTION, 0.25, 0.0, "keep")
     steps = layer_steps(RapidConfig(r=4, importance_mode="protect"), 197, 12, 1)
-    assert {step.importance_mode for step in steps} == {"protect"}
+    assert {step.settings.importance_mode for step in steps} == {"protect"}
     assert RapidConfig(importance_mode="protect").replace(r=2).importance_mode == "protect"
 
 
@@ -231,18 +231,18 @@ def test_per_patch_importance_divides_by_size_and_renormalises():
 
 def test_importance_source_reaches_the_steps_and_changes_plans_only_after_a_merge():
     steps = layer_steps(RapidConfig(r=4, importance_source="per_patch"), 197, 12, 1)
-    assert {step.importance_source for step in steps} == {"per_patch"}
+    assert {step.settings.importance_source for step in steps} == {"per_patch"}
     generator = torch.Generator().manual_seed(0)
     keys, query = torch.randn(2, 3, 17, 8, generator=generator), torch.randn(2, 3, 17, 8, generator=generator)
     ones = torch.ones(2, 17, 1)
     sizes = torch.randint(1, 9, (2, 17, 1), generator=generator).float()
     for operation in ("merge_important", "merge_crucial"):
-        literal = LayerStep(operation, 5, importance_weight=100.0, importance_ratio=0.3)
-        per_patch = LayerStep(operation, 5, importance_weight=100.0, importance_ratio=0.3,
-                              importance_source="per_patch")
+        literal = LayerStep(operation, 5, RapidConfig(importance_weight=100.0, importance_ratio=0.3))
+        per_patch = LayerStep(operation, 5, literal.settings.replace(importance_source="per_patch"))
         # all sizes 1: the same plan; unequal sizes: the importance (and here the plan) differs
-        same = [build_plan(step, keys, query, 0.35, None, 1, ones) for step in (literal, per_patch)]
+        importance = attention_importance(query[:, :, :1], keys, 0.35, None)
+        same = [build_plan(step, keys, importance, 1, ones) for step in (literal, per_patch)]
         assert torch.equal(same[0].removed, same[1].removed)
-        bias = size_bias(sizes, torch.float32)
-        differ = [build_plan(step, keys, query, 0.35, bias, 1, sizes) for step in (literal, per_patch)]
+        importance = attention_importance(query[:, :, :1], keys, 0.35, size_bias(sizes, torch.float32))
+        differ = [build_plan(step, keys, importance, 1, sizes) for step in (literal, per_patch)]
         assert not torch.equal(differ[0].removed, differ[1].removed)

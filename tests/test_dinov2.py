@@ -34,6 +34,7 @@ from rapid_hf import (
     rapid_class_for_config,
 )
 from rapid_hf.models import modeling_rapid_dinov2
+from rapid_hf.reduction.attention import attention_importance
 from rapid_hf.reduction.steps import LayerStep, reduce_tokens
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -169,7 +170,7 @@ def test_dense_features_give_one_feature_per_patch():
 # ------------------------------------------------------------------------------------------- registers
 
 
-@pytest.mark.parametrize("num_protected", [1, 2, 3, 4, 5, 6])
+@pytest.mark.parametrize("num_protected", [0, 1, 2, 3, 4, 5, 6])
 @pytest.mark.parametrize(
     "operation", ["prune_redundant", "merge_important", "prune_similar", "merge_similar", "merge_crucial"]
 )
@@ -183,8 +184,9 @@ def test_protected_tokens_are_never_removed_merged_or_destinations(num_protected
     query = torch.randn(batch, heads, num_tokens, dim)
     hidden = torch.randn(batch, num_tokens, 16)
     sizes = torch.ones(batch, num_tokens, 1)
-    step = LayerStep(operation=operation, r=20, prune_threshold=0.0, importance_ratio=0.3)
-    reduced, new_sizes, plan = reduce_tokens(step, hidden, sizes, keys, query, dim**-0.5, None, num_protected)
+    step = LayerStep(operation, 20, RapidConfig(prune_threshold=0.0, importance_ratio=0.3))
+    importance = attention_importance(query[:, :, :1] if num_protected else query, keys, dim**-0.5, None)
+    reduced, new_sizes, plan = reduce_tokens(step, hidden, sizes, keys, importance, num_protected)
     assert plan is not None and reduced.shape[1] == num_tokens - 20
     assert torch.equal(reduced[:, :num_protected], hidden[:, :num_protected])
     assert torch.equal(new_sizes[:, :num_protected], sizes[:, :num_protected])

@@ -433,7 +433,7 @@ def test_cli_dry_run_writes_the_repository_folder(tmp_path, tiny_vit):
     assert {module.filename for module in collect_modules()} <= files
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "rapid_vit"
-    assert config["auto_map"] == {"AutoConfig": "configuration_rapid.RapidViTConfig",
+    assert config["auto_map"] == {"AutoConfig": "modeling_rapid.RapidViTConfig",
                                   "AutoModelForImageClassification": "modeling_rapid.RapidViTForImageClassification"}
     assert config["rapid"] == RAPID16.to_dict()
     shipped = json.loads((out / "eval_results.json").read_text())

@@ -13,7 +13,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rapid_hf.reduction.attention import size_bias
+from rapid_hf.reduction.attention import attention_importance, size_bias
+from rapid_hf.reduction.config import RapidConfig
 from rapid_hf.reduction.matching import removal_cap
 from rapid_hf.reduction.schedule import (
     expand_schedule,
@@ -30,7 +31,7 @@ PROPERTY_SETTINGS = settings(max_examples=50, deadline=None)
 @st.composite
 def steps(draw, identical_tokens: bool = False):
     """A random layer: tokens, keys, query, sizes, the operation and r (any size, also beyond the cap)."""
-    protected = draw(st.sampled_from([1, 2]))
+    protected = draw(st.sampled_from([0, 1, 2]))  # 0: a family without a CLS token (SigLIP)
     batch, num_tokens = draw(st.integers(1, 3)), draw(st.integers(protected + 1, 40))
     heads, head_dim, channels = draw(st.integers(1, 3)), draw(st.integers(1, 6)), draw(st.integers(1, 8))
     dtype = draw(st.sampled_from([torch.float32, torch.float64]))
@@ -46,9 +47,7 @@ def steps(draw, identical_tokens: bool = False):
     sizes = None
     if draw(st.booleans()):
         sizes = torch.randint(1, 6, (batch, num_tokens, 1), generator=generator).float()
-    step = LayerStep(
-        operation=draw(st.sampled_from(OPERATIONS)),
-        r=draw(st.integers(0, num_tokens + 2)),
+    settings = RapidConfig(
         merge_mode=draw(st.sampled_from(["mean", "mlerp"])),
         prune_threshold=draw(st.floats(-1.0, 1.0)),
         importance_ratio=draw(st.floats(0.01, 1.0)),
@@ -56,14 +55,15 @@ def steps(draw, identical_tokens: bool = False):
         importance_mode=draw(st.sampled_from(["shift", "protect"])),
         importance_source=draw(st.sampled_from(["attention", "per_patch"])),
     )
+    step = LayerStep(draw(st.sampled_from(OPERATIONS)), draw(st.integers(0, num_tokens + 2)), settings)
+    keys, query = randn(batch, heads, num_tokens, head_dim), randn(batch, heads, num_tokens, head_dim)
+    rows = query[:, :, :1] if protected else query  # CLS query, or every query without a CLS token
     return {
         "step": step,
         "hidden": hidden,
         "sizes": sizes,
-        "keys": randn(batch, heads, num_tokens, head_dim),
-        "query": randn(batch, heads, num_tokens, head_dim),
-        "scaling": head_dim**-0.5,
-        "attention_bias": size_bias(sizes, dtype),
+        "keys": keys,
+        "importance": attention_importance(rows, keys, head_dim**-0.5, size_bias(sizes, dtype)),
         "num_protected": protected,
     }
 

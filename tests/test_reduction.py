@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from rapid_hf.reduction.attention import cls_attention, size_bias
+from rapid_hf.reduction.attention import attention_importance, size_bias
 from rapid_hf.reduction.matching import bipartite_similarity, matching_metric, removal_cap
 from rapid_hf.reduction.methods import (
     importance_adjusted_scores,
@@ -69,7 +69,7 @@ def test_removal_cap():
 
 
 def test_eq1_redundancy_scores_sum_similarity_above_threshold():
-    scores = redundancy_scores(SCORES, threshold=0.25)
+    scores = redundancy_scores(SCORES, threshold=0.25, num_protected=1)
     # token 2: 0.65; token 4: 0.25 + 0.05; token 6: 0.05 + 0.35
     assert scores[0, 0] == NEG
     assert torch.allclose(scores[0, 1:], torch.tensor([0.65, 0.30, 0.40]))
@@ -157,12 +157,16 @@ def test_distillation_token_stays_second_and_cls_first():
     assert (plan.destinations != 0).all()
 
 
-def test_cls_attention_equals_first_row_of_full_attention():
+def test_attention_importance_is_the_mean_of_the_given_rows_of_full_attention():
     torch.manual_seed(0)
     query, keys = torch.randn(2, 3, 10, 4), torch.randn(2, 3, 10, 4)
     bias = size_bias(torch.rand(2, 10, 1) * 5 + 1, torch.float32)
     full = ((query @ keys.transpose(-1, -2)) * 0.5 + bias).softmax(-1)
-    assert torch.allclose(cls_attention(query, keys, 0.5, bias), full[:, :, 0].mean(1), atol=1e-6)
+    cls_row = attention_importance(query[:, :, :1], keys, 0.5, bias)  # a CLS family: the CLS query's row
+    assert torch.allclose(cls_row, full[:, :, 0].mean(1), atol=1e-6)
+    received = attention_importance(query, keys, 0.5, bias)  # no CLS token: what each token receives
+    assert torch.allclose(received, full.mean(dim=(1, 2)), atol=1e-6)
+    torch.testing.assert_close(received.sum(-1), torch.ones(2))
 
 
 def test_size_bias_is_log_size_of_keys_and_none_without_merges():

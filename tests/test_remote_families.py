@@ -13,7 +13,7 @@ from remote_user import run_as_remote_user
 from transformers import CLIPConfig, Dinov2WithRegistersConfig
 
 from rapid_hf import RapidCLIPModel, RapidConfig, RapidDinov2WithRegistersModel
-from rapid_hf.hub.remote_code import CONFIG_MODULE, collect_modules, write_remote_code
+from rapid_hf.hub.remote_code import collect_modules, write_remote_code
 
 REMOTE_SCRIPT = r'''
 import torch
@@ -42,12 +42,12 @@ TEXT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "in
 def build_folder(folder: Path, model, modeling_module: str, auto_classes: tuple[str, ...]) -> list[str]:
     """Save `model` with its remote code: the shipped modules and `auto_map` naming the family's classes."""
     model.save_pretrained(folder)
-    files = write_remote_code(folder, collect_modules((CONFIG_MODULE, modeling_module)))
+    files = write_remote_code(folder, collect_modules((modeling_module,)))
     config_path = folder / "config.json"
     config = json.loads(config_path.read_text())
     modeling_file = modeling_module.rsplit(".", 1)[1]
     config["auto_map"] = {
-        "AutoConfig": f"{CONFIG_MODULE.rsplit('.', 1)[1]}.{type(model.config).__name__}",
+        "AutoConfig": f"{type(model.config).__module__.rsplit('.', 1)[1]}.{type(model.config).__name__}",
         **{auto: f"{modeling_file}.{type(model).__name__}" for auto in auto_classes},
     }
     config_path.write_text(json.dumps(config, indent=2))

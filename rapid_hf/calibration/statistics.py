@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rapid_hf.reduction.attention import cls_attention
+from rapid_hf.reduction.attention import attention_importance
 from rapid_hf.reduction.config import AUTO, RapidConfig
 from rapid_hf.reduction.matching import bipartite_similarity, matching_metric
 
@@ -72,7 +72,8 @@ def layer_statistics(
         raise ValueError("layer_statistics needs a non-empty (images, channels, height, width) pixel_values tensor")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    layers = model.rapid_backbone.reducing_layers
+    backbone = model.rapid_backbone
+    layers = backbone.reducing_layers
     num_protected = model.num_protected_tokens
     fractions, entropies = [], []
     for start in range(0, len(pixel_values), batch_size):
@@ -80,11 +81,11 @@ def layer_statistics(
         hidden_states = model(pixel_values=batch, rapid=RapidConfig(method="none"), output_hidden_states=True)
         batch_fractions, batch_entropies = [], []
         for layer, hidden in zip(layers, hidden_states.hidden_states[:-1], strict=True):
-            _, keys, query = layer.attention_residual(hidden, None)  # the keys and query the layer computes
+            keys, query = layer.keys_and_query(hidden)  # the keys and query the layer computes
             scores = bipartite_similarity(matching_metric(keys), num_protected)
             batch_fractions.append(redundant_fraction(scores, prune_threshold))
-            scaling = getattr(layer, layer.attention_module_name).attention_scaling
-            batch_entropies.append(normalised_entropy(cls_attention(query, keys, scaling, None), num_protected))
+            importance = attention_importance(backbone.importance_queries(query), keys, layer.attention_scaling, None)
+            batch_entropies.append(normalised_entropy(importance, num_protected))
         fractions.append(torch.stack(batch_fractions, dim=1))
         entropies.append(torch.stack(batch_entropies, dim=1))
     per_image = torch.cat(fractions)

@@ -73,7 +73,7 @@ def vit_flops(
         if step.operation == "merge_crucial" and leaving < entering:
             num_patches = entering - num_protected
             r = min(step.r, removal_cap(entering, num_protected))
-            crucial = crucial_count(num_patches, r, step.importance_ratio)
+            crucial = crucial_count(num_patches, r, step.settings.importance_ratio)
             reduction += 2 * (num_patches - crucial) * crucial * head_dim
         elif leaving < entering:
             reduction += 2 * ((entering + 1) // 2) * (entering // 2) * head_dim

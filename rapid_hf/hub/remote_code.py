@@ -18,7 +18,6 @@ import rapid_hf
 
 PACKAGE = "rapid_hf"
 PACKAGE_ROOT = Path(rapid_hf.__file__).resolve().parent
-CONFIG_MODULE = "rapid_hf.models.configuration_rapid"
 MODELING_MODULE = "rapid_hf.models.modeling_rapid"
 
 _HEADER = (
@@ -63,7 +62,7 @@ def _package_imports(path: Path, package: str) -> list[str]:
 
 
 def collect_modules(
-    entry_modules: tuple[str, ...] = (CONFIG_MODULE, MODELING_MODULE), package_root: Path = PACKAGE_ROOT
+    entry_modules: tuple[str, ...] = (MODELING_MODULE,), package_root: Path = PACKAGE_ROOT
 ) -> list[RemoteModule]:
     """The import closure of `entry_modules` inside the package, each with its flat file name."""
     package = package_root.name
@@ -114,7 +113,7 @@ def auto_map(model_class: type, config_class: type) -> dict[str, str]:
     """`config.json`'s `auto_map`: which shipped class the Auto classes load under `trust_remote_code=True`."""
     from rapid_hf.models.auto import auto_class_names
 
-    config_file = CONFIG_MODULE.rsplit(".", 1)[1]
+    config_file = config_class.__module__.rsplit(".", 1)[1]
     modeling_file = model_class.__module__.rsplit(".", 1)[1]
     return {
         "AutoConfig": f"{config_file}.{config_class.__name__}",
@@ -123,8 +122,8 @@ def auto_map(model_class: type, config_class: type) -> dict[str, str]:
 
 
 def modules_for(model_class: type) -> list[RemoteModule]:
-    """The shipped modules of a Rapid class: the import closure of the config module and its family's module."""
-    return collect_modules((CONFIG_MODULE, model_class.__module__))
+    """The shipped modules of a Rapid class: the import closure of its family's module (which defines its config)."""
+    return collect_modules((model_class.__module__,))
 
 
 __all__ = ["RemoteModule", "auto_map", "collect_modules", "modules_for", "rewrite_imports", "write_remote_code"]

@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from typing import Any
 
 from torch import nn
 
-from rapid_hf.models import modeling_rapid, modeling_rapid_clip, modeling_rapid_dinov2
 from rapid_hf.models.encoder import RapidSettingsMixin
+from rapid_hf.models.families import families
 from rapid_hf.models.layers import swap_module_classes
 from rapid_hf.reduction.config import RapidConfig
 
 RAPID_CLASSES: dict[type[nn.Module], type[RapidSettingsMixin]] = {
-    **modeling_rapid.RAPID_CLASSES,
-    **modeling_rapid_dinov2.RAPID_CLASSES,
-    **modeling_rapid_clip.RAPID_CLASSES,
+    stock: rapid for family in families() for stock, rapid in family.model_classes.items()
 }
 """Stock transformers class -> its Rapid class, for every supported family."""
+
+AUTO_CLASSES: dict[type[RapidSettingsMixin], tuple[str, ...]] = {
+    rapid: autos for family in families() for rapid, autos in family.auto_classes.items()
+}
+"""Rapid class -> the transformers Auto classes that load it."""
 
 
 def rapid_class_for_config(config: Any) -> type[RapidSettingsMixin]:
@@ -46,18 +50,11 @@ def rapid_class_for_config(config: Any) -> type[RapidSettingsMixin]:
 
 
 def auto_class_names(rapid_class: type[RapidSettingsMixin]) -> tuple[str, ...]:
-    """The transformers Auto classes that load `rapid_class` (for a Hub repository's `auto_map`).
-
-    Image classifiers: `AutoModelForImageClassification`; `RapidCLIPModel`: `AutoModel` and
-    `AutoModelForZeroShotImageClassification` (what the zero-shot pipeline loads); every other class: `AutoModel`.
-    """
-    if rapid_class not in RAPID_CLASSES.values():
+    """The transformers Auto classes that load `rapid_class` (for a Hub repository's `auto_map`), as its family
+    declares them."""
+    if rapid_class not in AUTO_CLASSES:
         raise ValueError(f"{rapid_class.__name__} is not a Rapid model class")
-    if rapid_class.__name__.endswith("ForImageClassification") or "ForImageClassificationWith" in rapid_class.__name__:
-        return ("AutoModelForImageClassification",)
-    if rapid_class is modeling_rapid_clip.RapidCLIPModel:
-        return ("AutoModel", "AutoModelForZeroShotImageClassification")
-    return ("AutoModel",)
+    return AUTO_CLASSES[rapid_class]
 
 
 def get_rapid_model(model: nn.Module, rapid: RapidConfig | Mapping[str, Any] | None = None) -> RapidSettingsMixin:
@@ -76,11 +73,30 @@ def get_rapid_model(model: nn.Module, rapid: RapidConfig | Mapping[str, Any] | N
     if rapid_class is None:
         supported = ", ".join(sorted(cls.__name__ for cls in RAPID_CLASSES))
         raise ValueError(f"get_rapid_model supports {supported}; got {type(model).__name__}")
-    config = rapid_class.config_class.for_model(model.config)
-    if config is not model.config:  # same fields: give the shared config object the Rapid class instead
-        model.config.__class__ = rapid_class.config_class
+    _give_own_config(model, rapid_class.config_class)
     swap_module_classes(model, {type(model): rapid_class})
     model.swap_modules()
     if rapid is not None:
         model.set_rapid(rapid)
     return model
+
+
+def _give_own_config(model: nn.Module, config_class: type) -> None:
+    """Give `model` a copy of its config as `config_class`, and every submodule that shared the config (or one of
+    its sub-configs, e.g. CLIP's vision config) the matching copy: a config object shared with another model keeps
+    its class, so that model neither saves nor reloads as a Rapid model. Runtime state such as the attention
+    implementation is copied with it."""
+    old = model.config
+    config_class.for_model(old)  # refuses a config of another family, naming it
+    config = copy.copy(old)
+    config.__class__ = config_class
+    replaced = {id(old): config}
+    for name in getattr(old, "sub_configs", None) or {}:
+        if getattr(old, name, None) is not None:
+            sub_config = copy.copy(getattr(old, name))
+            object.__setattr__(config, name, sub_config)
+            replaced[id(getattr(old, name))] = sub_config
+    for module in model.modules():
+        current = module.__dict__.get("config")
+        if current is not None and id(current) in replaced:
+            module.config = replaced[id(current)]

@@ -1,7 +1,8 @@
 """Transformers configs of the Rapid models: the family's config plus a `rapid` dict of reduction settings.
 
-They have their own `model_type` ("rapid_vit", "rapid_deit", ...) so Auto classes find the Rapid classes after
-`import rapid_hf`, and they read the ordinary checkpoints of the Hub silently. `config.rapid` is the one source
+Each family defines its Rapid config classes in its modeling file with `RapidConfigMixin`. They have their own
+`model_type` ("rapid_vit", "rapid_deit", ...) so Auto classes find the Rapid classes after `import rapid_hf`, and
+they read the ordinary checkpoints of the Hub silently. `config.rapid` is the one source
 of truth of a model's own settings: the forward runs it, `save_pretrained` writes it, and assigning it (a
 `RapidConfig` or its dict) is validated at once.
 """
@@ -11,27 +12,54 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from transformers import (
-    AutoConfig,
-    CLIPConfig,
-    CLIPVisionConfig,
-    DeiTConfig,
-    Dinov2Config,
-    Dinov2WithRegistersConfig,
-    ViTConfig,
-)
-
 from rapid_hf.reduction.config import RapidConfig
 
 
-class _RapidConfigMixin:
-    """Accept the base model's config.json (`model_type` vit/deit) and refuse anything else clearly."""
+class RapidConfigMixin:
+    """A family's transformers config plus `rapid`; reads the stock checkpoint's config.json, refuses others.
+
+    A family's Rapid config (in its modeling file) mixes this into the stock config class and sets `model_type`
+    (its own, e.g. "rapid_vit"), `source_model_types` (the stock ones it reads), `rapid_class_hint` (which class
+    loads what, for error messages) and `protected` (tokens at the front never reduced), or overrides
+    `protected_tokens` when that depends on the config (registers).
+    """
 
     model_type: str
     source_model_types: tuple[str, ...]
     rapid_class_hint: str
-    num_protected_tokens: int
-    rapid: dict | None
+    protected: int = 1
+    rapid: dict | None = None
+
+    @classmethod
+    def protected_tokens(cls, encoder_config: Any) -> int:
+        """Tokens at the front never removed, merged or used as merge destinations (CLS, registers, ...)."""
+        return cls.protected
+
+    @classmethod
+    def input_tokens(cls, encoder_config: Any) -> int:
+        """Tokens entering the encoder at `encoder_config`'s image size: patches plus protected tokens."""
+        image, patch = as_pair(encoder_config.image_size), as_pair(encoder_config.patch_size)
+        return (image[0] // patch[0]) * (image[1] // patch[1]) + cls.protected_tokens(encoder_config)
+
+    @property
+    def num_protected_tokens(self) -> int:
+        return type(self).protected_tokens(self.encoder_config)
+
+    @property
+    def num_input_tokens(self) -> int:
+        """Tokens entering the encoder at the configured image size: patches plus protected tokens."""
+        return type(self).input_tokens(self.encoder_config)
+
+    def to_dict(self) -> dict[str, Any]:
+        """transformers' dict (what `save_pretrained` writes), with `rapid` validated again: an in-place edit of
+        the saved dict (`config.rapid["r"] = -5`) is refused here, as the forward refuses it."""
+        data = super().to_dict()
+        if data.get("rapid") is not None:
+            settings = as_rapid_config(data["rapid"])
+            if self._encoder_config_ready():
+                self.validate_rapid(settings)
+            data["rapid"] = settings.to_dict()
+        return data
 
     @classmethod
     def get_config_dict(cls, pretrained_model_name_or_path: Any, **kwargs: Any) -> tuple[dict[str, Any], dict]:
@@ -91,13 +119,6 @@ class _RapidConfigMixin:
             return encoder.intermediate_size
         return int(encoder.hidden_size * encoder.mlp_ratio)
 
-    @property
-    def num_input_tokens(self) -> int:
-        """Tokens entering the encoder at the configured image size: patches plus protected tokens."""
-        encoder = self.encoder_config
-        image, patch = as_pair(encoder.image_size), as_pair(encoder.patch_size)
-        return (image[0] // patch[0]) * (image[1] // patch[1]) + self.num_protected_tokens
-
     def validate_rapid(self, rapid: RapidConfig) -> None:
         """The checks of `rapid` that need this architecture (layers, input tokens, protected tokens)."""
         rapid.validate_for_model(
@@ -123,114 +144,3 @@ def as_rapid_config(settings: RapidConfig | Mapping[str, Any] | None) -> RapidCo
 def as_pair(size: int | Sequence[int]) -> tuple[int, int]:
     """`image_size`/`patch_size` of a ViT config (an int or a pair) as (height, width)."""
     return (size, size) if isinstance(size, int) else (size[0], size[1])
-
-
-class RapidViTConfig(_RapidConfigMixin, ViTConfig):
-    """`ViTConfig` plus `rapid`: the `RapidConfig.to_dict()` of the reduction to run (None = no reduction)."""
-
-    model_type = "rapid_vit"
-    source_model_types = ("vit",)
-    num_protected_tokens = 1
-    rapid_class_hint = (
-        "RapidViTForImageClassification loads `vit` checkpoints (google/vit-*, facebook/deit-*-patch16-224); "
-        "use RapidDeiT* classes for `deit` (distilled) checkpoints"
-    )
-
-    rapid: dict | None = None
-
-
-class RapidDeiTConfig(_RapidConfigMixin, DeiTConfig):
-    """`DeiTConfig` plus `rapid`: the `RapidConfig.to_dict()` of the reduction to run (None = no reduction)."""
-
-    model_type = "rapid_deit"
-    source_model_types = ("deit",)
-    num_protected_tokens = 2
-    rapid_class_hint = (
-        "RapidDeiT* classes load `deit` checkpoints (facebook/deit-*-distilled-*); "
-        "use RapidViTForImageClassification for `vit` checkpoints"
-    )
-
-    rapid: dict | None = None
-
-
-class RapidDinov2Config(_RapidConfigMixin, Dinov2Config):
-    """`Dinov2Config` plus `rapid`: the `RapidConfig.to_dict()` of the reduction to run (None = no reduction)."""
-
-    model_type = "rapid_dinov2"
-    source_model_types = ("dinov2",)
-    num_protected_tokens = 1
-    rapid_class_hint = (
-        "RapidDinov2Model / RapidDinov2ForImageClassification load `dinov2` checkpoints (facebook/dinov2-*); "
-        "use RapidDinov2WithRegistersModel for `dinov2_with_registers` checkpoints"
-    )
-
-    rapid: dict | None = None
-
-
-class RapidDinov2WithRegistersConfig(_RapidConfigMixin, Dinov2WithRegistersConfig):
-    """`Dinov2WithRegistersConfig` plus `rapid`; CLS and every register token are protected."""
-
-    model_type = "rapid_dinov2_with_registers"
-    source_model_types = ("dinov2_with_registers",)
-    rapid_class_hint = (
-        "RapidDinov2WithRegistersModel loads `dinov2_with_registers` checkpoints (facebook/dinov2-with-registers-*); "
-        "use RapidDinov2Model for `dinov2` checkpoints"
-    )
-
-    rapid: dict | None = None
-
-    @property
-    def num_protected_tokens(self) -> int:
-        """CLS plus the register tokens."""
-        return 1 + self.num_register_tokens
-
-
-class RapidCLIPVisionConfig(_RapidConfigMixin, CLIPVisionConfig):
-    """`CLIPVisionConfig` plus `rapid`; reads `clip_vision_model` configs and the vision part of `clip` ones."""
-
-    model_type = "rapid_clip_vision_model"
-    source_model_types = ("clip_vision_model",)
-    num_protected_tokens = 1
-    rapid_class_hint = (
-        "RapidCLIPVisionModel / RapidCLIPVisionModelWithProjection load `clip` and `clip_vision_model` checkpoints "
-        "(openai/clip-vit-*)"
-    )
-
-    rapid: dict | None = None
-
-
-class RapidCLIPConfig(_RapidConfigMixin, CLIPConfig):
-    """`CLIPConfig` plus `rapid`: the reduction of the vision tower (the text tower is never reduced)."""
-
-    model_type = "rapid_clip"
-    source_model_types = ("clip",)
-    num_protected_tokens = 1
-    rapid_class_hint = "RapidCLIPModel loads `clip` checkpoints (openai/clip-vit-*)"
-
-    rapid: dict | None = None
-
-    @property
-    def encoder_config(self) -> Any:
-        return self.vision_config
-
-    def _encoder_config_ready(self) -> bool:
-        return isinstance(self.__dict__.get("vision_config"), CLIPVisionConfig)
-
-    def __post_init__(self, **kwargs: Any) -> None:
-        super().__post_init__(**kwargs)
-        if self.rapid is not None:  # set before the vision config existed: check it now
-            self.validate_rapid(as_rapid_config(self.rapid))
-
-
-RAPID_CONFIGS: tuple[type, ...] = (
-    RapidViTConfig,
-    RapidDeiTConfig,
-    RapidDinov2Config,
-    RapidDinov2WithRegistersConfig,
-    RapidCLIPVisionConfig,
-    RapidCLIPConfig,
-)
-
-if __name__.startswith("rapid_hf."):  # the installed package (see rapid_hf.registration), never Hub remote code,
-    for _config_class in RAPID_CONFIGS:  # whose loading transformers allows only with trust_remote_code=True
-        AutoConfig.register(_config_class.model_type, _config_class, exist_ok=True)

@@ -20,7 +20,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from rapid_hf.models.configuration_rapid import as_pair, as_rapid_config
-from rapid_hf.models.layers import swap_module_classes
+from rapid_hf.models.layers import LayerReduction, swap_module_classes
 from rapid_hf.models.outputs import RapidImageClassifierOutput, RapidModelOutput, reduction_fields
 from rapid_hf.reduction.config import RapidConfig
 from rapid_hf.reduction.steps import layer_steps
@@ -176,52 +176,62 @@ class RapidSettingsMixin:
 
 
 class ReducedBackboneMixin(RapidSettingsMixin):
-    """The reduced forward of a backbone (`ViTModel`, `DeiTModel`, ...); families implement the hooks below.
+    """The reduced forward of a backbone (`ViTModel`, `SiglipVisionTransformer`, ...), shared by every family.
 
-    `num_protected_tokens`: tokens at the front of the sequence that are never removed, merged or used as merge
-    destinations (CLS, a distillation token, registers); only CLS may receive merges.
+    A family's backbone provides the members below that have no default (the family protocol, see
+    docs/ADDING_A_FAMILY.md): `reducing_layers`, `pixel_geometry`, `embedding_dtype`, `embed` and `finish`;
+    and may override `importance_queries`, `always_interpolates_positions`, `carried_tokens` and
+    `layer_arguments`. Which tokens are protected is its config's to say (`config_class.protected_tokens`).
     """
 
-    num_protected_tokens: int = 1
     always_interpolates_positions: bool = False
     """True for families whose embeddings resize position embeddings to any input size (DINOv2)."""
 
     @property
     def reducing_layers(self) -> nn.ModuleList:
         """The layers, in order, each a `ReducingLayerMixin`."""
-        return self.layers
-
-    @property
-    def patch_embedding(self) -> nn.Module:
-        """The module with `num_channels`, `patch_size` and `image_size` of the patch embedding."""
-        return self.embeddings.patch_embeddings
+        raise NotImplementedError(f"{type(self).__name__} must name its layers (reducing_layers)")
 
     def pixel_geometry(self) -> tuple[int, Any, Any]:
         """`(num_channels, patch_size, image_size)` the pixel values are checked against."""
-        patch_embedding = self.patch_embedding
-        return patch_embedding.num_channels, patch_embedding.patch_size, patch_embedding.image_size
+        raise NotImplementedError(f"{type(self).__name__} must implement pixel_geometry")
 
     @property
     def embedding_dtype(self) -> torch.dtype:
         """The dtype pixels are cast to (the patch projection's)."""
-        return self.patch_embedding.projection.weight.dtype
+        raise NotImplementedError(f"{type(self).__name__} must implement embedding_dtype")
 
     def embed(self, pixel_values: Tensor, bool_masked_pos: Tensor | None, interpolate_pos_encoding: bool) -> Tensor:
         """The token sequence entering the first layer."""
-        return self.embeddings(
-            pixel_values, bool_masked_pos=bool_masked_pos, interpolate_pos_encoding=interpolate_pos_encoding
-        )
+        raise NotImplementedError(f"{type(self).__name__} must implement embed")
 
-    def finish(self, hidden_states: Tensor) -> tuple[Tensor, Tensor | None]:
-        """`(last_hidden_state, pooler_output)` from the last layer's output."""
-        sequence_output = self.layernorm(hidden_states)
-        pooler = getattr(self, "pooler", None)
-        return sequence_output, pooler(sequence_output) if pooler is not None else None
+    def finish(self, hidden_states: Tensor, sizes: Tensor) -> tuple[Tensor, Tensor | None]:
+        """`(last_hidden_state, pooler_output)` from the last layer's output and its token sizes `(B, N, 1)`
+        (a pooling head weighs merged tokens by them)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement finish")
+
+    def importance_queries(self, query: Tensor) -> Tensor:
+        """The query rows `(B, heads, Q, d)` whose attention ranks token importance: the CLS query (token 0) by
+        default; a family without a CLS token returns every query (the attention each token receives)."""
+        return query[:, :, :1]
+
+    def carried_tokens(self, pixel_values: Tensor, hidden_states: Tensor) -> dict[str, Tensor]:
+        """Per-token tensors `(B, N, ...)` that travel with their tokens through reduction (e.g. rotary positions)."""
+        return {}
+
+    def layer_arguments(self, carried: dict[str, Tensor]) -> dict[str, Any]:
+        """Extra keyword arguments of one layer's call, from the carried tensors of its tokens."""
+        return {}
+
+    @property
+    def num_protected_tokens(self) -> int:
+        """Tokens at the front never removed, merged or used as merge destinations (the config says which)."""
+        return self.config_class.protected_tokens(self.config)
 
     @property
     def num_input_tokens(self) -> int:
         """Tokens entering the encoder at the checkpoint's image size: patches plus protected tokens."""
-        return self.patch_embedding.num_patches + self.num_protected_tokens
+        return self.config_class.input_tokens(self.config)
 
     def rapid_settings(self, rapid: RapidConfig | Mapping[str, Any] | None) -> RapidConfig:
         """The settings of one forward: `rapid` if given, else the model's own `config.rapid`."""
@@ -240,8 +250,8 @@ class ReducedBackboneMixin(RapidSettingsMixin):
         output_dense: bool = False,
         **kwargs: Any,
     ) -> RapidModelOutput:
-        """The stock backbone forward with a reduction step in each layer (mirrors `ViTModel.forward` of
-        transformers 5.24: embeddings, bidirectional mask, layers through `__call__`, final norm and pooler).
+        """The stock backbone forward with a reduction step in each layer (embeddings, layers through `__call__`,
+        final norm and pooling, as the family's stock forward).
 
         `rapid`: settings for this call only (a `RapidConfig` or its dict); None runs the model's `config.rapid`.
         `output_sources` / `output_dense` trace which patches each token stands for (see `RapidModelOutput`);
@@ -271,6 +281,7 @@ class ReducedBackboneMixin(RapidSettingsMixin):
         settings.validate_for_model(num_layers=len(layers), num_tokens=hidden.shape[1], num_protected=num_protected)
         steps = layer_steps(settings, hidden.shape[1], len(layers), num_protected)
         sizes: Tensor | None = None
+        carried = self.carried_tokens(pixel_values, hidden)
         counts: list[int] = []
         trace = output_sources or output_dense
         if trace:
@@ -281,15 +292,12 @@ class ReducedBackboneMixin(RapidSettingsMixin):
         layer_sources: list[Tensor] = []
         for index, (layer, step) in enumerate(zip(layers, steps, strict=True)):
             num_tokens = hidden.shape[1]
-            hidden, sizes, plan = layer(
-                hidden,
-                sizes,
-                attention_mask,
-                step=step,
-                num_protected=num_protected,
-                prop_attn=settings.prop_attn,
-                **kwargs,
+            reduction = LayerReduction(
+                step=step, sizes=sizes, num_protected=num_protected, prop_attn=settings.prop_attn,
+                importance_queries=self.importance_queries, carried=carried,
             )
+            hidden = layer(hidden, attention_mask, reduction=reduction, **self.layer_arguments(carried), **kwargs)
+            sizes, carried, plan = reduction.sizes_out, reduction.carried_out, reduction.plan
             if trace and plan is not None:
                 assignment, pruned_at = update_assignment(plan, assignment, pruned_at, num_tokens, index)
             if output_sources:
@@ -298,7 +306,7 @@ class ReducedBackboneMixin(RapidSettingsMixin):
 
         if sizes is None:
             sizes = hidden.new_ones(*hidden.shape[:2], 1, dtype=torch.float32)
-        last_hidden_state, pooler_output = self.finish(hidden)
+        last_hidden_state, pooler_output = self.finish(hidden, sizes)
         return RapidModelOutput(
             last_hidden_state=last_hidden_state,
             pooler_output=pooler_output,

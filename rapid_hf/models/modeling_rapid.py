@@ -13,13 +13,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 from transformers import (
-    AutoModel,
-    AutoModelForImageClassification,
+    DeiTConfig,
     DeiTForImageClassification,
     DeiTForImageClassificationWithTeacher,
     DeiTModel,
+    ViTConfig,
     ViTForImageClassification,
     ViTModel,
 )
@@ -27,8 +28,9 @@ from transformers.models.deit.modeling_deit import DeiTAttention, DeiTLayer
 from transformers.models.vit.modeling_vit import ViTAttention, ViTLayer
 from transformers.utils.generic import can_return_tuple
 
-from rapid_hf.models.configuration_rapid import RapidDeiTConfig, RapidViTConfig
+from rapid_hf.models.configuration_rapid import RapidConfigMixin
 from rapid_hf.models.encoder import RapidHeadMixin, ReducedBackboneMixin
+from rapid_hf.models.family import AUTO_CLASSIFIER, AUTO_MODEL, Family, register_family
 from rapid_hf.models.layers import ReducingAttentionMixin, ReducingLayerMixin, inherit_checkpoint_conversions
 from rapid_hf.models.outputs import (
     RapidDeiTWithTeacherOutput,
@@ -38,12 +40,40 @@ from rapid_hf.models.outputs import (
 from rapid_hf.reduction.config import RapidConfig
 
 
+class RapidViTConfig(RapidConfigMixin, ViTConfig):
+    """`ViTConfig` plus `rapid`: the `RapidConfig.to_dict()` of the reduction to run (None = no reduction)."""
+
+    model_type = "rapid_vit"
+    source_model_types = ("vit",)
+    protected = 1
+    rapid_class_hint = (
+        "RapidViTForImageClassification loads `vit` checkpoints (google/vit-*, facebook/deit-*-patch16-224); "
+        "use RapidDeiT* classes for `deit` (distilled) checkpoints"
+    )
+
+    rapid: dict | None = None
+
+
+class RapidDeiTConfig(RapidConfigMixin, DeiTConfig):
+    """`DeiTConfig` plus `rapid`; CLS and the distillation token are protected."""
+
+    model_type = "rapid_deit"
+    source_model_types = ("deit",)
+    protected = 2
+    rapid_class_hint = (
+        "RapidDeiT* classes load `deit` checkpoints (facebook/deit-*-distilled-*); "
+        "use RapidViTForImageClassification for `vit` checkpoints"
+    )
+
+    rapid: dict | None = None
+
+
 class _ViTStyleLayerMixin(ReducingLayerMixin):
     """ViT and DeiT layers: pre-norm attention and MLP, dropout before each residual add."""
 
-    def attention_residual(self, hidden_states: Tensor, attention_bias: Tensor | None, **kwargs: Any):
-        attended, _, keys, query = self.attention(self.layernorm_before(hidden_states), attention_bias, **kwargs)
-        return self.dropout(attended) + hidden_states, keys, query
+    def attention_residual(self, hidden_states: Tensor, attention_mask: Tensor | None, **kwargs: Any) -> Tensor:
+        attended, _ = self.attention(self.layernorm_before(hidden_states), attention_mask, **kwargs)
+        return self.dropout(attended) + hidden_states
 
     def mlp_residual(self, hidden_states: Tensor) -> Tensor:
         return self.dropout(self.mlp(self.layernorm_after(hidden_states))) + hidden_states
@@ -74,20 +104,43 @@ MODULE_CLASSES: dict[type, type] = {
 """Stock module class -> its Rapid subclass, for this family's layers and attention modules."""
 
 
-class RapidViTModel(ReducedBackboneMixin, ViTModel):
+class _ViTStyleBackboneMixin(ReducedBackboneMixin):
+    """ViT and DeiT backbones: `embeddings`, `layers`, final `layernorm` and an optional `pooler`."""
+
+    @property
+    def reducing_layers(self) -> nn.ModuleList:
+        return self.layers
+
+    def pixel_geometry(self) -> tuple[int, Any, Any]:
+        patches = self.embeddings.patch_embeddings
+        return patches.num_channels, patches.patch_size, patches.image_size
+
+    @property
+    def embedding_dtype(self) -> torch.dtype:
+        return self.embeddings.patch_embeddings.projection.weight.dtype
+
+    def embed(self, pixel_values: Tensor, bool_masked_pos: Tensor | None, interpolate_pos_encoding: bool) -> Tensor:
+        return self.embeddings(
+            pixel_values, bool_masked_pos=bool_masked_pos, interpolate_pos_encoding=interpolate_pos_encoding
+        )
+
+    def finish(self, hidden_states: Tensor, sizes: Tensor) -> tuple[Tensor, Tensor | None]:
+        sequence_output = self.layernorm(hidden_states)
+        return sequence_output, self.pooler(sequence_output) if self.pooler is not None else None
+
+
+class RapidViTModel(_ViTStyleBackboneMixin, ViTModel):
     """`ViTModel` with token reduction; returns `RapidModelOutput`. Protected: CLS."""
 
     config_class = RapidViTConfig
     module_classes = MODULE_CLASSES
-    num_protected_tokens = 1
 
 
-class RapidDeiTModel(ReducedBackboneMixin, DeiTModel):
+class RapidDeiTModel(_ViTStyleBackboneMixin, DeiTModel):
     """`DeiTModel` with token reduction. Protected: CLS and the distillation token."""
 
     config_class = RapidDeiTConfig
     module_classes = MODULE_CLASSES
-    num_protected_tokens = 2
 
 
 inherit_checkpoint_conversions(RapidViTModel, ViTModel)
@@ -166,28 +219,36 @@ class RapidDeiTForImageClassificationWithTeacher(RapidHeadMixin, DeiTForImageCla
         )
 
 
-if __name__.startswith("rapid_hf."):  # the installed package only, never Hub remote code (see configuration_rapid)
-    AutoModel.register(RapidViTConfig, RapidViTModel, exist_ok=True)
-    AutoModel.register(RapidDeiTConfig, RapidDeiTModel, exist_ok=True)
-    AutoModelForImageClassification.register(RapidViTConfig, RapidViTForImageClassification, exist_ok=True)
-    # Like transformers' own "deit" entry: one config, two heads, chosen by `config.architectures`.
-    AutoModelForImageClassification.register(
-        RapidDeiTConfig, (RapidDeiTForImageClassification, RapidDeiTForImageClassificationWithTeacher), exist_ok=True
-    )
+FAMILY = Family(
+    name="vit",
+    configs=(RapidViTConfig, RapidDeiTConfig),
+    module_classes=MODULE_CLASSES,
+    model_classes={
+        ViTModel: RapidViTModel,
+        DeiTModel: RapidDeiTModel,
+        ViTForImageClassification: RapidViTForImageClassification,
+        DeiTForImageClassification: RapidDeiTForImageClassification,
+        DeiTForImageClassificationWithTeacher: RapidDeiTForImageClassificationWithTeacher,
+    },
+    auto_classes={
+        RapidViTModel: (AUTO_MODEL,),
+        RapidDeiTModel: (AUTO_MODEL,),
+        RapidViTForImageClassification: (AUTO_CLASSIFIER,),
+        RapidDeiTForImageClassification: (AUTO_CLASSIFIER,),
+        RapidDeiTForImageClassificationWithTeacher: (AUTO_CLASSIFIER,),
+    },
+)
 
-RAPID_CLASSES: dict[type, type] = {
-    ViTModel: RapidViTModel,
-    DeiTModel: RapidDeiTModel,
-    ViTForImageClassification: RapidViTForImageClassification,
-    DeiTForImageClassification: RapidDeiTForImageClassification,
-    DeiTForImageClassificationWithTeacher: RapidDeiTForImageClassificationWithTeacher,
-}
-"""Stock model class -> Rapid class, for `rapid_hf.get_rapid_model`."""
+if __name__.startswith("rapid_hf."):  # the installed package only, never Hub remote code (trust_remote_code only)
+    register_family(FAMILY)
 
 __all__ = [
+    "FAMILY",
+    "RapidDeiTConfig",
     "RapidDeiTForImageClassification",
     "RapidDeiTForImageClassificationWithTeacher",
     "RapidDeiTModel",
+    "RapidViTConfig",
     "RapidViTForImageClassification",
     "RapidViTModel",
 ]

@@ -18,9 +18,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 from transformers import (
-    AutoModel,
-    AutoModelForZeroShotImageClassification,
+    CLIPConfig,
     CLIPModel,
+    CLIPVisionConfig,
     CLIPVisionModel,
     CLIPVisionModelWithProjection,
 )
@@ -35,8 +35,9 @@ from transformers.models.clip.modeling_clip import (
 from transformers.models.clip.modeling_clip import eager_attention_forward as clip_eager_attention
 from transformers.utils.generic import can_return_tuple
 
-from rapid_hf.models.configuration_rapid import RapidCLIPConfig, RapidCLIPVisionConfig, as_pair
+from rapid_hf.models.configuration_rapid import RapidConfigMixin, as_pair, as_rapid_config
 from rapid_hf.models.encoder import RapidHeadMixin, ReducedBackboneMixin
+from rapid_hf.models.family import AUTO_MODEL, AUTO_ZERO_SHOT, Family, register_family
 from rapid_hf.models.layers import (
     ReducingAttentionMixin,
     ReducingLayerMixin,
@@ -45,6 +46,43 @@ from rapid_hf.models.layers import (
 )
 from rapid_hf.models.outputs import RapidModelOutput, ReductionFields, reduction_fields
 from rapid_hf.reduction.config import RapidConfig
+
+
+class RapidCLIPVisionConfig(RapidConfigMixin, CLIPVisionConfig):
+    """`CLIPVisionConfig` plus `rapid`; reads `clip_vision_model` configs and the vision part of `clip` ones."""
+
+    model_type = "rapid_clip_vision_model"
+    source_model_types = ("clip_vision_model",)
+    protected = 1
+    rapid_class_hint = (
+        "RapidCLIPVisionModel / RapidCLIPVisionModelWithProjection load `clip` and `clip_vision_model` checkpoints "
+        "(openai/clip-vit-*)"
+    )
+
+    rapid: dict | None = None
+
+
+class RapidCLIPConfig(RapidConfigMixin, CLIPConfig):
+    """`CLIPConfig` plus `rapid`: the reduction of the vision tower (the text tower is never reduced)."""
+
+    model_type = "rapid_clip"
+    source_model_types = ("clip",)
+    protected = 1
+    rapid_class_hint = "RapidCLIPModel loads `clip` checkpoints (openai/clip-vit-*)"
+
+    rapid: dict | None = None
+
+    @property
+    def encoder_config(self) -> Any:
+        return self.vision_config
+
+    def _encoder_config_ready(self) -> bool:
+        return isinstance(self.__dict__.get("vision_config"), CLIPVisionConfig)
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        super().__post_init__(**kwargs)
+        if self.rapid is not None:  # set before the vision config existed: check it now
+            self.validate_rapid(as_rapid_config(self.rapid))
 
 
 class RapidCLIPAttention(ReducingAttentionMixin, CLIPAttention):
@@ -61,9 +99,9 @@ class RapidCLIPEncoderLayer(ReducingLayerMixin, CLIPEncoderLayer):
 
     attention_module_name = "self_attn"
 
-    def attention_residual(self, hidden_states: Tensor, attention_bias: Tensor | None, **kwargs: Any):
-        attended, _, keys, query = self.self_attn(self.layer_norm1(hidden_states), attention_bias, **kwargs)
-        return hidden_states + attended, keys, query
+    def attention_residual(self, hidden_states: Tensor, attention_mask: Tensor | None, **kwargs: Any) -> Tensor:
+        attended, _ = self.self_attn(self.layer_norm1(hidden_states), attention_mask, **kwargs)
+        return hidden_states + attended
 
     def mlp_residual(self, hidden_states: Tensor) -> Tensor:
         return hidden_states + self.mlp(self.layer_norm2(hidden_states))
@@ -88,23 +126,14 @@ class RapidCLIPVisionModel(ReducedBackboneMixin, CLIPVisionModel):
 
     config_class = RapidCLIPVisionConfig
     module_classes = MODULE_CLASSES
-    num_protected_tokens = 1
 
     @property
     def reducing_layers(self) -> nn.ModuleList:
         return self.encoder.layers
 
     @property
-    def patch_embedding(self) -> nn.Module:
-        return self.embeddings.patch_embedding
-
-    @property
     def embedding_dtype(self) -> torch.dtype:
         return self.embeddings.patch_embedding.weight.dtype
-
-    @property
-    def num_input_tokens(self) -> int:
-        return self.embeddings.num_patches + self.num_protected_tokens
 
     def pixel_geometry(self) -> tuple[int, Any, Any]:
         return self.config.num_channels, as_pair(self.config.patch_size), as_pair(self.config.image_size)
@@ -115,7 +144,7 @@ class RapidCLIPVisionModel(ReducedBackboneMixin, CLIPVisionModel):
         embeddings = self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
         return self.pre_layrnorm(embeddings)
 
-    def finish(self, hidden_states: Tensor) -> tuple[Tensor, Tensor | None]:
+    def finish(self, hidden_states: Tensor, sizes: Tensor) -> tuple[Tensor, Tensor | None]:
         return hidden_states, self.post_layernorm(hidden_states[:, 0, :])
 
 
@@ -260,21 +289,32 @@ class RapidCLIPModel(RapidHeadMixin, CLIPModel):
 inherit_checkpoint_conversions(RapidCLIPVisionModelWithProjection, CLIPVisionModelWithProjection)
 inherit_checkpoint_conversions(RapidCLIPModel, CLIPModel)
 
-if __name__.startswith("rapid_hf."):  # the installed package only, never Hub remote code (see configuration_rapid)
-    AutoModel.register(RapidCLIPVisionConfig, RapidCLIPVisionModel, exist_ok=True)
-    AutoModel.register(RapidCLIPConfig, RapidCLIPModel, exist_ok=True)
-    AutoModelForZeroShotImageClassification.register(RapidCLIPConfig, RapidCLIPModel, exist_ok=True)
+FAMILY = Family(
+    name="clip",
+    configs=(RapidCLIPVisionConfig, RapidCLIPConfig),
+    module_classes=MODULE_CLASSES,
+    model_classes={
+        CLIPVisionModel: RapidCLIPVisionModel,
+        CLIPVisionModelWithProjection: RapidCLIPVisionModelWithProjection,
+        CLIPModel: RapidCLIPModel,
+    },
+    auto_classes={
+        RapidCLIPVisionModel: (AUTO_MODEL,),
+        RapidCLIPVisionModelWithProjection: (AUTO_MODEL,),
+        RapidCLIPModel: (AUTO_MODEL, AUTO_ZERO_SHOT),
+    },
+    exports=("RapidCLIPOutput", "RapidCLIPVisionModelOutput"),
+)
 
-RAPID_CLASSES: dict[type, type] = {
-    CLIPVisionModel: RapidCLIPVisionModel,
-    CLIPVisionModelWithProjection: RapidCLIPVisionModelWithProjection,
-    CLIPModel: RapidCLIPModel,
-}
-"""Stock model class -> Rapid class, for `rapid_hf.get_rapid_model`."""
+if __name__.startswith("rapid_hf."):  # the installed package only, never Hub remote code (trust_remote_code only)
+    register_family(FAMILY)
 
 __all__ = [
+    "FAMILY",
+    "RapidCLIPConfig",
     "RapidCLIPModel",
     "RapidCLIPOutput",
+    "RapidCLIPVisionConfig",
     "RapidCLIPVisionModel",
     "RapidCLIPVisionModelOutput",
     "RapidCLIPVisionModelWithProjection",

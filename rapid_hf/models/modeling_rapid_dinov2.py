@@ -16,10 +16,10 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 from transformers import (
-    AutoModel,
-    AutoModelForImageClassification,
+    Dinov2Config,
     Dinov2ForImageClassification,
     Dinov2Model,
+    Dinov2WithRegistersConfig,
     Dinov2WithRegistersForImageClassification,
     Dinov2WithRegistersModel,
 )
@@ -34,19 +34,52 @@ from transformers.models.dinov2_with_registers.modeling_dinov2_with_registers im
 )
 from transformers.utils.generic import can_return_tuple
 
-from rapid_hf.models.configuration_rapid import RapidDinov2Config, RapidDinov2WithRegistersConfig
+from rapid_hf.models.configuration_rapid import RapidConfigMixin
 from rapid_hf.models.encoder import RapidHeadMixin, ReducedBackboneMixin
+from rapid_hf.models.family import AUTO_CLASSIFIER, AUTO_MODEL, Family, register_family
 from rapid_hf.models.layers import ReducingAttentionMixin, ReducingLayerMixin, inherit_checkpoint_conversions
 from rapid_hf.models.outputs import RapidImageClassifierOutput
 from rapid_hf.reduction.config import RapidConfig
 
 
+class RapidDinov2Config(RapidConfigMixin, Dinov2Config):
+    """`Dinov2Config` plus `rapid`: the `RapidConfig.to_dict()` of the reduction to run (None = no reduction)."""
+
+    model_type = "rapid_dinov2"
+    source_model_types = ("dinov2",)
+    protected = 1
+    rapid_class_hint = (
+        "RapidDinov2Model / RapidDinov2ForImageClassification load `dinov2` checkpoints (facebook/dinov2-*); "
+        "use RapidDinov2WithRegistersModel for `dinov2_with_registers` checkpoints"
+    )
+
+    rapid: dict | None = None
+
+
+class RapidDinov2WithRegistersConfig(RapidConfigMixin, Dinov2WithRegistersConfig):
+    """`Dinov2WithRegistersConfig` plus `rapid`; CLS and every register token are protected."""
+
+    model_type = "rapid_dinov2_with_registers"
+    source_model_types = ("dinov2_with_registers",)
+    rapid_class_hint = (
+        "RapidDinov2WithRegistersModel loads `dinov2_with_registers` checkpoints (facebook/dinov2-with-registers-*); "
+        "use RapidDinov2Model for `dinov2` checkpoints"
+    )
+
+    rapid: dict | None = None
+
+    @classmethod
+    def protected_tokens(cls, encoder_config: Any) -> int:
+        """CLS plus the register tokens."""
+        return 1 + encoder_config.num_register_tokens
+
+
 class _Dinov2StyleLayerMixin(ReducingLayerMixin):
     """DINOv2 layers: pre-norm attention and MLP, each scaled by its layer scale before the residual add."""
 
-    def attention_residual(self, hidden_states: Tensor, attention_bias: Tensor | None, **kwargs: Any):
-        attended, _, keys, query = self.attention(self.norm1(hidden_states), attention_bias, **kwargs)
-        return self.drop_path(self.layer_scale1(attended)) + hidden_states, keys, query
+    def attention_residual(self, hidden_states: Tensor, attention_mask: Tensor | None, **kwargs: Any) -> Tensor:
+        attended, _ = self.attention(self.norm1(hidden_states), attention_mask, **kwargs)
+        return self.drop_path(self.layer_scale1(attended)) + hidden_states
 
     def mlp_residual(self, hidden_states: Tensor) -> Tensor:
         return self.drop_path(self.layer_scale2(self.mlp(self.norm2(hidden_states)))) + hidden_states
@@ -90,10 +123,18 @@ class _Dinov2BackboneMixin(ReducedBackboneMixin):
     def reducing_layers(self) -> nn.ModuleList:
         return self.encoder.layer
 
+    def pixel_geometry(self) -> tuple[int, Any, Any]:
+        patches = self.embeddings.patch_embeddings
+        return patches.num_channels, patches.patch_size, patches.image_size
+
+    @property
+    def embedding_dtype(self) -> torch.dtype:
+        return self.embeddings.patch_embeddings.projection.weight.dtype
+
     def embed(self, pixel_values: Tensor, bool_masked_pos: Tensor | None, interpolate_pos_encoding: bool) -> Tensor:
         return self.embeddings(pixel_values, bool_masked_pos=bool_masked_pos)
 
-    def finish(self, hidden_states: Tensor) -> tuple[Tensor, Tensor | None]:
+    def finish(self, hidden_states: Tensor, sizes: Tensor) -> tuple[Tensor, Tensor | None]:
         sequence_output = self.layernorm(hidden_states)
         return sequence_output, sequence_output[:, 0, :]
 
@@ -103,7 +144,6 @@ class RapidDinov2Model(_Dinov2BackboneMixin, Dinov2Model):
 
     config_class = RapidDinov2Config
     module_classes = MODULE_CLASSES
-    num_protected_tokens = 1
 
 
 class RapidDinov2WithRegistersModel(_Dinov2BackboneMixin, Dinov2WithRegistersModel):
@@ -111,11 +151,6 @@ class RapidDinov2WithRegistersModel(_Dinov2BackboneMixin, Dinov2WithRegistersMod
 
     config_class = RapidDinov2WithRegistersConfig
     module_classes = MODULE_CLASSES
-
-    @property
-    def num_protected_tokens(self) -> int:
-        """CLS plus `config.num_register_tokens` registers: never removed, merged or used as destinations."""
-        return 1 + self.config.num_register_tokens
 
 
 inherit_checkpoint_conversions(RapidDinov2Model, Dinov2Model)
@@ -139,10 +174,17 @@ class _Dinov2ClassifierMixin(RapidHeadMixin):
         rapid: RapidConfig | Mapping[str, Any] | None = None,
         output_sources: bool = False,
         output_dense: bool = False,
+        interpolate_pos_encoding: bool | None = None,
         **kwargs: Any,
     ) -> RapidImageClassifierOutput:
-        """The stock classifier forward (mirrors transformers 5.24); `rapid` runs other settings for this call only."""
-        outputs = self.encode(pixel_values, None, attention_mask, rapid, output_sources, output_dense, **kwargs)
+        """The stock classifier forward (mirrors transformers 5.25); `rapid` runs other settings for this call only.
+
+        `interpolate_pos_encoding` is accepted as the stock forward accepts it; DINOv2 always resizes its position
+        embeddings to the input, so it changes nothing.
+        """
+        outputs = self.encode(
+            pixel_values, interpolate_pos_encoding, attention_mask, rapid, output_sources, output_dense, **kwargs
+        )
         cls_token = outputs.last_hidden_state[:, 0]
         logits = self.classifier(torch.cat([cls_token, self.pooled_patch_mean(outputs)], dim=1))
         return self.classifier_output(outputs, logits, labels)
@@ -169,25 +211,33 @@ class RapidDinov2WithRegistersForImageClassification(
     }
 
 
-if __name__.startswith("rapid_hf."):  # the installed package only, never Hub remote code (see configuration_rapid)
-    AutoModel.register(RapidDinov2Config, RapidDinov2Model, exist_ok=True)
-    AutoModel.register(RapidDinov2WithRegistersConfig, RapidDinov2WithRegistersModel, exist_ok=True)
-    AutoModelForImageClassification.register(RapidDinov2Config, RapidDinov2ForImageClassification, exist_ok=True)
-    AutoModelForImageClassification.register(
-        RapidDinov2WithRegistersConfig, RapidDinov2WithRegistersForImageClassification, exist_ok=True
-    )
+FAMILY = Family(
+    name="dinov2",
+    configs=(RapidDinov2Config, RapidDinov2WithRegistersConfig),
+    module_classes=MODULE_CLASSES,
+    model_classes={
+        Dinov2Model: RapidDinov2Model,
+        Dinov2ForImageClassification: RapidDinov2ForImageClassification,
+        Dinov2WithRegistersModel: RapidDinov2WithRegistersModel,
+        Dinov2WithRegistersForImageClassification: RapidDinov2WithRegistersForImageClassification,
+    },
+    auto_classes={
+        RapidDinov2Model: (AUTO_MODEL,),
+        RapidDinov2WithRegistersModel: (AUTO_MODEL,),
+        RapidDinov2ForImageClassification: (AUTO_CLASSIFIER,),
+        RapidDinov2WithRegistersForImageClassification: (AUTO_CLASSIFIER,),
+    },
+)
 
-RAPID_CLASSES: dict[type, type] = {
-    Dinov2Model: RapidDinov2Model,
-    Dinov2ForImageClassification: RapidDinov2ForImageClassification,
-    Dinov2WithRegistersModel: RapidDinov2WithRegistersModel,
-    Dinov2WithRegistersForImageClassification: RapidDinov2WithRegistersForImageClassification,
-}
-"""Stock model class -> Rapid class, for `rapid_hf.get_rapid_model`."""
+if __name__.startswith("rapid_hf."):  # the installed package only, never Hub remote code (trust_remote_code only)
+    register_family(FAMILY)
 
 __all__ = [
+    "FAMILY",
+    "RapidDinov2Config",
     "RapidDinov2ForImageClassification",
     "RapidDinov2Model",
+    "RapidDinov2WithRegistersConfig",
     "RapidDinov2WithRegistersForImageClassification",
     "RapidDinov2WithRegistersModel",
 ]

@@ -1,4 +1,4 @@
-"""Attention pieces token reduction needs: the proportional-attention bias and the CLS attention row."""
+"""Attention pieces token reduction needs: the proportional-attention bias and each token's attention importance."""
 
 from __future__ import annotations
 
@@ -17,19 +17,25 @@ def size_bias(sizes: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return sizes.log().to(dtype)[:, None, None, :, 0]
 
 
-def cls_attention(query: Tensor, keys: Tensor, scaling: float, bias: Tensor | None) -> Tensor:
-    """Attention the CLS query pays to every token, averaged over heads: `(B, N)` in float32.
+def attention_importance(query: Tensor, keys: Tensor, scaling: float, bias: Tensor | None) -> Tensor:
+    """Attention each token receives from the query rows given, averaged over heads and rows: `(B, N)` float32.
 
-    Computes only the CLS row, `softmax(q_cls K^T * scale + bias)`, in O(N d) per head, never the N x N map.
-    `query` and `keys` are `(B, heads, N, d)`. The row is a broadcast multiply-and-sum, not a matmul: `keys` is
-    a transposed view, which a matmul would first copy (on CPU 2-3x slower for this one row).
+    `query` `(B, heads, Q, d)` holds the rows that judge importance, chosen by the model adapter: the CLS query
+    alone (`Q = 1`) for families with a CLS token, every token's query for families without one (SigLIP);
+    `keys` `(B, heads, N, d)`. `softmax(q K^T * scale + bias)` over the keys, so the proportional-attention bias
+    counts as in the layer's own attention. With one row the logits are a broadcast multiply-and-sum, not a
+    matmul: `keys` is a transposed view, which a matmul would first copy (on CPU 2-3x slower for one row).
     """
-    products = keys * query[:, :, :1]
-    summed = products.sum(dim=-1) if products.dtype == torch.float32 else products.sum(dim=-1, dtype=torch.float32)
-    logits = summed * scaling
+    if query.shape[2] == 1:
+        products = keys * query
+        summed = products.sum(-1) if products.dtype == torch.float32 else products.sum(-1, dtype=torch.float32)
+        logits = summed.unsqueeze(2)  # (B, heads, 1, N)
+    else:
+        logits = query.float() @ keys.float().transpose(-1, -2)  # (B, heads, Q, N)
+    logits = logits * scaling
     if bias is not None:
-        logits = logits + bias[:, :, 0].float()
-    return logits.softmax(dim=-1).mean(dim=1)
+        logits = logits + bias.float()
+    return logits.softmax(dim=-1).mean(dim=2).mean(dim=1)
 
 
 def per_patch_importance(attention: Tensor, sizes: Tensor | None) -> Tensor:

@@ -5,16 +5,17 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 Method = Literal["rapid", "tome", "tofu", "crucial", "none"]
-METHODS: tuple[str, ...] = ("rapid", "tome", "tofu", "crucial", "none")
+METHODS: tuple[str, ...] = get_args(Method)
 AUTO = "auto"
-MERGE_MODES: tuple[str, ...] = ("mean", "mlerp")
+MergeMode = Literal["mean", "mlerp"]
+MERGE_MODES: tuple[str, ...] = get_args(MergeMode)
 ImportanceMode = Literal["shift", "protect"]
-IMPORTANCE_MODES: tuple[str, ...] = ("shift", "protect")
+IMPORTANCE_MODES: tuple[str, ...] = get_args(ImportanceMode)
 ImportanceSource = Literal["attention", "per_patch"]
-IMPORTANCE_SOURCES: tuple[str, ...] = ("attention", "per_patch")
+IMPORTANCE_SOURCES: tuple[str, ...] = get_args(ImportanceSource)
 LINEAR_SCHEDULE_KEYS = frozenset({"r", "inflection"})
 
 
@@ -32,7 +33,7 @@ def _fail(name: str, value: Any, allowed: str) -> None:
 
 @dataclass(frozen=True)
 class RapidConfig:
-    """Token-reduction settings of a Rapid model (DESIGN.md); defaults are the paper's.
+    """Token-reduction settings of a Rapid model (docs/METHOD.md); defaults are the paper's.
 
     Args:
         method: "rapid" (prune shallow, importance-aware merge deep), "tome", "tofu", "crucial" (merge the least
@@ -78,7 +79,7 @@ class RapidConfig:
     importance_mode: ImportanceMode = "shift"
     importance_source: ImportanceSource = "attention"
     prop_attn: bool = True
-    merge_mode: Literal["mean", "mlerp"] | None = None
+    merge_mode: MergeMode | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -111,7 +112,7 @@ class RapidConfig:
 
     def __hash__(self) -> int:
         """Hashable whatever `r` is (a per-layer list hashes as its values; equality still tells list from tuple)."""
-        values = (getattr(self, f.name) for f in fields(self))
+        values = (getattr(self, name) for name in FIELD_NAMES)
         return hash(tuple(tuple(value) if isinstance(value, list) else value for value in values))
 
     @property
@@ -125,7 +126,7 @@ class RapidConfig:
             return self.r[0] > 0
         return any(self.r) if isinstance(self.r, list) else self.r > 0
 
-    def resolved_merge_mode(self) -> Literal["mean", "mlerp"]:
+    def resolved_merge_mode(self) -> MergeMode:
         if self.merge_mode is not None:
             return self.merge_mode
         return "mlerp" if self.method == "tofu" else "mean"
@@ -157,7 +158,7 @@ class RapidConfig:
         The linear schedule `(r, inflection)` becomes `{"r": r, "inflection": inflection}` (JSON has no tuples,
         and a list would read back as per-layer values); a per-layer list stays a list.
         """
-        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data = {name: getattr(self, name) for name in FIELD_NAMES}
         if isinstance(self.r, tuple):
             data["r"] = {"r": self.r[0], "inflection": float(self.r[1])}
         elif isinstance(self.r, list):
@@ -169,15 +170,18 @@ class RapidConfig:
         """Inverse of `to_dict`; unknown keys are an error naming them."""
         if not isinstance(data, Mapping):
             raise ValueError(f"rapid settings must be a mapping, got {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(data) - set(FIELD_NAMES))
         if unknown:
-            raise ValueError(f"unknown RapidConfig field(s) {unknown}; known fields: {sorted(known)}")
+            raise ValueError(f"unknown RapidConfig field(s) {unknown}; known fields: {sorted(FIELD_NAMES)}")
         return cls(**dict(data))
 
     def replace(self, **changes: Any) -> RapidConfig:
         """A copy with some fields changed (validated again)."""
         return RapidConfig.from_dict({**self.to_dict(), **changes})
+
+
+FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in fields(RapidConfig))
+"""`RapidConfig`'s field names, computed once (`dataclasses.fields` cannot be traced by torch.compile)."""
 
 
 def _normalise_r(r: Any) -> int | list[int] | tuple[int, float]:
@@ -217,5 +221,5 @@ def _linear_schedule(given: Any, base: Any, inflection: Any, allowed: str) -> tu
     return (base, float(inflection))
 
 
-__all__ = ["AUTO", "IMPORTANCE_MODES", "IMPORTANCE_SOURCES", "MERGE_MODES", "METHODS", "ImportanceMode",
-           "ImportanceSource", "Method", "RapidConfig"]
+__all__ = ["AUTO", "FIELD_NAMES", "IMPORTANCE_MODES", "IMPORTANCE_SOURCES", "MERGE_MODES", "METHODS", "ImportanceMode",
+           "ImportanceSource", "MergeMode", "Method", "RapidConfig"]

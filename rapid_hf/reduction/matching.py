@@ -1,10 +1,9 @@
-"""Bipartite token matching shared by every method (ToMe's split, DESIGN.md "Bipartite split").
+"""Bipartite token matching shared by every method (ToMe's split, docs/METHOD.md "The bipartite split").
 
-Tokens are split by index parity: even positions are *sources* (A), odd positions *destinations* (B). The CLS
-token (index 0) is source row 0 and is never chosen; a DeiT distillation token (index 1) is destination column 0
-and is never removed nor used as a destination. In general the `k` protected tokens at the front (CLS, a
-distillation token, DINOv2's registers) are source rows `0 .. ceil(k/2) - 1` and destination columns
-`0 .. floor(k/2) - 1`, all blocked.
+Tokens are split by index parity: even positions are *sources* (A), odd positions *destinations* (B). The `k`
+protected tokens at the front (none for SigLIP; CLS; CLS and a distillation token; CLS and registers) are source
+rows `0 .. ceil(k/2) - 1` and destination columns `0 .. floor(k/2) - 1`, all blocked: never removed, merged or
+used as a destination. Which tokens are protected is the model adapter's to say; nothing here assumes a CLS token.
 """
 
 from __future__ import annotations
@@ -14,9 +13,9 @@ from torch import Tensor
 
 
 def check_num_protected(num_protected: int) -> None:
-    """At least CLS is protected: 1 (CLS), 2 (CLS + distillation token), 1 + registers, ..."""
-    if isinstance(num_protected, bool) or not isinstance(num_protected, int) or num_protected < 1:
-        raise ValueError(f"num_protected must be an int >= 1 (CLS, then other protected tokens), got {num_protected}")
+    """Protected tokens at the front: 0 (no CLS token, SigLIP), 1 (CLS), 2 (CLS + distillation token), ..."""
+    if isinstance(num_protected, bool) or not isinstance(num_protected, int) or num_protected < 0:
+        raise ValueError(f"num_protected must be an int >= 0 (tokens at the front never reduced), got {num_protected}")
 
 
 def protected_source_rows(num_protected: int) -> int:
@@ -53,7 +52,8 @@ def bipartite_similarity(metric: Tensor, num_protected: int) -> Tensor:
     sources, destinations = metric[:, 0::2], metric[:, 1::2]
     scores = sources @ destinations.transpose(-1, -2)
     # narrow + fill_: two direct calls, a few times cheaper than slice assignment (a batch-1 step is overhead-bound)
-    scores.narrow(1, 0, protected_source_rows(num_protected)).fill_(-torch.inf)
+    if num_protected > 0:
+        scores.narrow(1, 0, protected_source_rows(num_protected)).fill_(-torch.inf)
     if num_protected > 1:
         scores.narrow(2, 0, protected_destination_columns(num_protected)).fill_(-torch.inf)
     return scores

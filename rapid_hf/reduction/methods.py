@@ -1,4 +1,4 @@
-"""Per-layer plan builders for each method (DESIGN.md): pure functions of the similarity scores.
+"""Per-layer plan builders for each method (docs/METHOD.md): pure functions of the similarity scores.
 
 Every builder takes the bipartite similarity `S` `(B, |A|, |B|)` from `bipartite_similarity` (protected rows and
 columns already at -inf) and the number of tokens to remove, and returns a `ReductionPlan`.
@@ -40,10 +40,11 @@ def rank_descending_by(primary: Tensor, secondary: Tensor) -> Tensor:
     return by_secondary.gather(1, rank_descending(primary.gather(1, by_secondary)))
 
 
-def redundancy_scores(scores: Tensor, threshold: float) -> Tensor:
-    """RAPID eq. (1): `score_i = sum_j max(0, S_ij - tau)`; the CLS row is -inf so it is never pruned."""
+def redundancy_scores(scores: Tensor, threshold: float, num_protected: int) -> Tensor:
+    """RAPID eq. (1): `score_i = sum_j max(0, S_ij - tau)`; protected source rows are -inf, never pruned."""
     redundancy = (scores - threshold).clamp_min(0).sum(dim=-1)
-    redundancy.narrow(1, 0, 1).fill_(-torch.inf)
+    if num_protected > 0:  # their rows of S are all -inf, which the clamp turned into 0
+        redundancy.narrow(1, 0, protected_source_rows(num_protected)).fill_(-torch.inf)
     return redundancy
 
 
@@ -55,15 +56,13 @@ def redundancy_prune_plan(scores: Tensor, r: int, num_protected: int, threshold:
     near 1). They are broken by each source's highest similarity `max_j S_ij` (the most duplicated of them goes
     first, ToFu's pruning criterion), then by index, instead of by token position alone.
     """
-    redundancy = redundancy_scores(scores, threshold)
-    if num_protected > 2:  # every protected source row, not only CLS
-        redundancy.narrow(1, 0, protected_source_rows(num_protected)).fill_(-torch.inf)
+    redundancy = redundancy_scores(scores, threshold, num_protected)
     order = rank_descending_by(redundancy, scores.max(dim=-1).values)
     return plan_from_ranking(order, r, num_protected, None)
 
 
 def importance_threshold(cls_attention: Tensor, num_protected: int, importance_ratio: float) -> Tensor:
-    """`theta` `(B, 1)`: the k-th largest CLS attention over patch tokens, `k = ceil(rho * N_patch)`."""
+    """`theta` `(B, 1)`: the k-th largest importance over patch tokens, `k = ceil(rho * N_patch)`."""
     patch_attention = cls_attention[:, num_protected:]
     k = min(patch_attention.shape[1], max(1, math.ceil(importance_ratio * patch_attention.shape[1])))
     return patch_attention.topk(k, dim=-1).values[:, -1:]

@@ -11,12 +11,11 @@ so the `k` protected tokens stay the first `k` tokens.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import Tensor
 
-MergeMode = Literal["mean", "mlerp"]
+from rapid_hf.reduction.config import MergeMode
 
 
 def flat_token_index(index: Tensor, num_tokens: int) -> Tensor:
@@ -130,6 +129,10 @@ class SelectionPlan(PlanIndices):
         destinations: `(B, r)` position *in `kept`* that each removed token merges into, or None when pruned.
         num_protected: protected tokens at the front, never removed.
     """
+
+    def output_tokens(self, num_tokens: int) -> Tensor:
+        """`(B, N - r)`: the input index of each token the step outputs, in output order (the kept tokens)."""
+        return self.kept
 
     def sum_into_destinations(self, tokens: Tensor) -> Tensor:
         """Apply the plan to `(B, N, C)` tokens, adding each merged token into its destination."""

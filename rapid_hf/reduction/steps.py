@@ -1,7 +1,8 @@
 """What each layer does for a given `RapidConfig`, and one reduction step as a pure tensor function.
 
 The model adapter calls `layer_steps` once per forward (schedules depend on the input's token count) and
-`reduce_tokens` inside each layer, after the attention residual and before the MLP.
+`reduce_tokens` inside each layer, after the attention residual and before the MLP. The adapter also says which
+tokens are protected (`num_protected`, 0 included) and how important each token is (`importance`).
 """
 
 from __future__ import annotations
@@ -10,10 +11,11 @@ import functools
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
 from torch import Tensor
 
-from rapid_hf.reduction.attention import cls_attention, per_patch_importance
-from rapid_hf.reduction.config import ImportanceMode, ImportanceSource, RapidConfig
+from rapid_hf.reduction.attention import per_patch_importance
+from rapid_hf.reduction.config import MergeMode, RapidConfig
 from rapid_hf.reduction.matching import bipartite_similarity, matching_metric, removal_cap
 from rapid_hf.reduction.methods import (
     crucial_merge_plan,
@@ -22,24 +24,30 @@ from rapid_hf.reduction.methods import (
     similarity_merge_plan,
     similarity_prune_plan,
 )
-from rapid_hf.reduction.plan import MergeMode, ReductionPlan, SelectionPlan, apply_plan
+from rapid_hf.reduction.plan import ReductionPlan, SelectionPlan, apply_plan
 from rapid_hf.reduction.schedule import expand_schedule, schedule_for_output_tokens
 
 Operation = Literal["prune_redundant", "merge_important", "prune_similar", "merge_similar", "merge_crucial"]
+IMPORTANCE_OPERATIONS: frozenset[str] = frozenset({"merge_important", "merge_crucial"})
 
 
 @dataclass(frozen=True)
 class LayerStep:
-    """One layer's reduction: the operation, the requested r (capped at run time) and the merge mode."""
+    """One layer's reduction: the operation, the requested r (capped at run time), the merge mode it resolves to,
+    and the settings it came from (the method's knobs are read from them, never restated here)."""
 
     operation: Operation | None
     r: int
-    merge_mode: MergeMode = "mean"
-    prune_threshold: float = 0.7
-    importance_ratio: float = 0.2
-    importance_weight: float = 50.0
-    importance_mode: ImportanceMode = "shift"
-    importance_source: ImportanceSource = "attention"
+    settings: RapidConfig
+
+    @property
+    def merge_mode(self) -> MergeMode:
+        return self.settings.resolved_merge_mode()
+
+    @property
+    def needs_importance(self) -> bool:
+        """Whether the plan ranks tokens by attention importance (RAPID's merging stage, crucial merging)."""
+        return self.operation in IMPORTANCE_OPERATIONS
 
 
 def requested_schedule(config: RapidConfig, num_tokens: int, num_layers: int, num_protected: int) -> list[int]:
@@ -52,7 +60,7 @@ def requested_schedule(config: RapidConfig, num_tokens: int, num_layers: int, nu
 
 
 def layer_operation(config: RapidConfig, layer: int, num_layers: int) -> Operation | None:
-    """The method's operation at `layer` (DESIGN.md): RAPID and ToFu switch from pruning to merging."""
+    """The method's operation at `layer` (docs/METHOD.md): RAPID and ToFu switch from pruning to merging."""
     if config.method == "none":
         return None
     if config.method == "tome":
@@ -65,59 +73,56 @@ def layer_operation(config: RapidConfig, layer: int, num_layers: int) -> Operati
     return "prune_similar" if before_switch else "merge_similar"
 
 
-@functools.lru_cache(maxsize=512)
 def layer_steps(config: RapidConfig, num_tokens: int, num_layers: int, num_protected: int) -> tuple[LayerStep, ...]:
     """Every layer's step for an input of `num_tokens` tokens.
 
-    Cached (configs and steps are immutable): a forward asks for the same steps as the last one with the same
-    settings and input size, and building them is ~80 us, a few percent of a batch-1 forward.
+    Cached in eager mode (configs and steps are immutable; building them is ~80 us, a few percent of a batch-1
+    forward). Under `torch.compile` they are built afresh: the compiler runs this Python once per graph and
+    guards on the settings, so a cache would only be traced through.
     """
+    if torch.compiler.is_compiling():
+        return _layer_steps(config, num_tokens, num_layers, num_protected)
+    return _cached_layer_steps(config, num_tokens, num_layers, num_protected)
+
+
+def _layer_steps(config: RapidConfig, num_tokens: int, num_layers: int, num_protected: int) -> tuple[LayerStep, ...]:
     schedule = requested_schedule(config, num_tokens, num_layers, num_protected)
-    mode = config.resolved_merge_mode()
     return tuple(
-        LayerStep(
-            operation=layer_operation(config, layer, num_layers) if r > 0 else None,
-            r=r,
-            merge_mode=mode,
-            prune_threshold=config.prune_threshold,
-            importance_ratio=config.importance_ratio,
-            importance_weight=config.importance_weight,
-            importance_mode=config.importance_mode,
-            importance_source=config.importance_source,
-        )
+        LayerStep(operation=layer_operation(config, layer, num_layers) if r > 0 else None, r=r, settings=config)
         for layer, r in enumerate(schedule)
     )
 
 
+_cached_layer_steps = functools.lru_cache(maxsize=512)(_layer_steps)
+
+
 def build_plan(
-    step: LayerStep,
-    keys: Tensor,
-    query: Tensor,
-    scaling: float,
-    attention_bias: Tensor | None,
-    num_protected: int,
-    sizes: Tensor | None,
+    step: LayerStep, keys: Tensor, importance: Tensor | None, num_protected: int, sizes: Tensor | None
 ) -> ReductionPlan | SelectionPlan | None:
-    """The plan for one layer from its keys `(B, heads, N, d)` (and the CLS query and token sizes `(B, N, 1)`,
-    None = all 1, when importance is used)."""
+    """The plan for one layer from its keys `(B, heads, N, d)`, the importance of each token `(B, N)` (given by
+    the model adapter, see `attention_importance`; needed when `step.needs_importance`) and the token sizes
+    `(B, N, 1)` (None = all 1)."""
     r = min(step.r, removal_cap(keys.shape[2], num_protected))
     if step.operation is None or r == 0:
         return None
-    if step.operation in ("merge_crucial", "merge_important"):
-        attention = cls_attention(query, keys, scaling, attention_bias)
-        if step.importance_source == "per_patch":
-            attention = per_patch_importance(attention, sizes)
+    settings = step.settings
+    if step.needs_importance:
+        if importance is None:
+            raise ValueError(f"{step.operation} ranks tokens by importance: the model adapter must pass it")
+        if settings.importance_source == "per_patch":
+            importance = per_patch_importance(importance, sizes)
     if step.operation == "merge_crucial":
-        return crucial_merge_plan(matching_metric(keys), r, num_protected, attention, step.importance_ratio)
+        return crucial_merge_plan(matching_metric(keys), r, num_protected, importance, settings.importance_ratio)
     scores = bipartite_similarity(matching_metric(keys), num_protected)
     if step.operation == "merge_similar":
         return similarity_merge_plan(scores, r, num_protected)
     if step.operation == "prune_similar":
         return similarity_prune_plan(scores, r, num_protected)
     if step.operation == "prune_redundant":
-        return redundancy_prune_plan(scores, r, num_protected, step.prune_threshold)
+        return redundancy_prune_plan(scores, r, num_protected, settings.prune_threshold)
     return importance_merge_plan(
-        scores, r, num_protected, attention, step.importance_ratio, step.importance_weight, step.importance_mode
+        scores, r, num_protected, importance, settings.importance_ratio, settings.importance_weight,
+        settings.importance_mode,
     )
 
 
@@ -126,13 +131,11 @@ def reduce_tokens(
     hidden: Tensor,
     sizes: Tensor | None,
     keys: Tensor,
-    query: Tensor,
-    scaling: float,
-    attention_bias: Tensor | None,
+    importance: Tensor | None,
     num_protected: int,
 ) -> tuple[Tensor, Tensor | None, ReductionPlan | SelectionPlan | None]:
     """One reduction step: returns the reduced hidden states, sizes and the plan (None if nothing moved)."""
-    plan = build_plan(step, keys, query, scaling, attention_bias, num_protected, sizes)
+    plan = build_plan(step, keys, importance, num_protected, sizes)
     if plan is None:
         return hidden, sizes, None
     hidden, sizes = apply_plan(plan, hidden, sizes, step.merge_mode)
