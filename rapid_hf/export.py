@@ -101,9 +101,10 @@ def export_onnx(
     model.eval()
     wrapper = LogitsForward(model, settings, interpolate).eval()
     example = torch.zeros(batch_size, num_channels, height, width, device=next(model.parameters()).device)
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
         with torch.inference_mode(False), torch.no_grad():
+            _check_runs_with_logits(model, wrapper, example)
+            path.parent.mkdir(parents=True, exist_ok=True)
             program = torch.onnx.export(
                 wrapper, (example,), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
                 output_names=[OUTPUT_NAME], external_data=False, verbose=False, optimize=True,
@@ -119,6 +120,20 @@ def export_onnx(
     program.model.metadata_props[METADATA_KEY] = json.dumps(metadata)
     program.save(str(path), external_data=False)
     return path
+
+
+def _check_runs_with_logits(model: nn.Module, wrapper: LogitsForward, example: Tensor) -> None:
+    """One eager forward before the (much slower) trace: a model without logits, or one that cannot run these
+    settings at this size, is refused with its own message before anything is traced or written."""
+    try:
+        wrapper(example[:1])
+    except AttributeError as error:
+        if "logits" not in str(error):
+            raise
+        raise ValueError(
+            f"{type(model).__name__} returns no logits: export_onnx exports image classifiers (a Rapid "
+            "...ForImageClassification class), not backbones or other heads"
+        ) from None
 
 
 def onnx_metadata(path: str | Path) -> dict[str, Any]:

@@ -61,6 +61,11 @@ class RapidConfigMixin:
             data["rapid"] = settings.to_dict()
         return data
 
+    def save_pretrained(self, *args: Any, **kwargs: Any) -> Any:
+        """transformers' `save_pretrained`, refusing invalid settings before anything is written."""
+        self.to_dict()
+        return super().save_pretrained(*args, **kwargs)
+
     @classmethod
     def get_config_dict(cls, pretrained_model_name_or_path: Any, **kwargs: Any) -> tuple[dict[str, Any], dict]:
         config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
