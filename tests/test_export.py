@@ -76,6 +76,8 @@ def run_without_torch(model_path, pixel_values: np.ndarray, tmp_path) -> np.ndar
         ("vit", {"method": "tome", "r": 4}),
         ("deit", {"method": "rapid", "r": 4, "switch_layer": 1}),
         ("deit", {"method": "tofu", "r": 4}),
+        ("vit", {"method": "pitome", "r": 4}),
+        ("deit", {"method": "topk", "r": 4}),
     ],
     ids=lambda value: value if isinstance(value, str) else "-".join(map(str, value.values())),
 )

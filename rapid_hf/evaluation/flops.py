@@ -75,6 +75,11 @@ def vit_flops(
             r = min(step.r, removal_cap(entering, num_protected))
             crucial = crucial_count(num_patches, r, step.settings.importance_ratio)
             reduction += 2 * (num_patches - crucial) * crucial * head_dim
+        elif step.operation == "merge_energy" and leaving < entering:  # PiToMe: all patch pairs, then 2r matched
+            removed = entering - leaving
+            reduction += 2 * (entering - num_protected) ** 2 * head_dim + 2 * removed * removed * head_dim
+        elif step.operation == "fuse_topk":  # ranks by the attention it already has: no products
+            pass
         elif leaving < entering:
             reduction += 2 * ((entering + 1) // 2) * (entering // 2) * head_dim
         entering = leaving

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Literal, get_args
 
-Method = Literal["rapid", "tome", "tofu", "crucial", "none"]
+Method = Literal["rapid", "tome", "tofu", "crucial", "pitome", "topk", "none"]
 METHODS: tuple[str, ...] = get_args(Method)
 AUTO = "auto"
 MergeMode = Literal["mean", "mlerp"]
@@ -37,7 +37,9 @@ class RapidConfig:
 
     Args:
         method: "rapid" (prune shallow, importance-aware merge deep), "tome", "tofu", "crucial" (merge the least
-            important tokens into the most important, crucial, ones), or "none" (no reduction).
+            important tokens into the most important, crucial, ones), "pitome" (PiToMe: merge the highest-energy
+            tokens, protect the low-energy ones), "topk" (keep the most important tokens, fuse the least important
+            into one, EViT-style), or "none" (no reduction).
         r: tokens removed per layer, in ToMe's conventions: an int (constant), a *list* of per-layer ints, or a
             *tuple* `(r, inflection)`: ToMe's linear schedule (inflection in [-1, 1]; int or float, `(8, 1)`
             is `(8, 1.0)`): 0 constant, +1 increasing from 0 to `2r`, -1 decreasing from `2r` to 0. A tuple is

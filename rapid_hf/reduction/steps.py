@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from rapid_hf.reduction.attention import per_patch_importance
+from rapid_hf.reduction.baselines import FusePlan, pitome_margin, pitome_merge_plan, topk_fuse_plan
 from rapid_hf.reduction.config import MergeMode, RapidConfig
 from rapid_hf.reduction.matching import bipartite_similarity, matching_metric, removal_cap
 from rapid_hf.reduction.methods import (
@@ -27,8 +28,14 @@ from rapid_hf.reduction.methods import (
 from rapid_hf.reduction.plan import ReductionPlan, SelectionPlan, apply_plan
 from rapid_hf.reduction.schedule import expand_schedule, schedule_for_output_tokens
 
-Operation = Literal["prune_redundant", "merge_important", "prune_similar", "merge_similar", "merge_crucial"]
-IMPORTANCE_OPERATIONS: frozenset[str] = frozenset({"merge_important", "merge_crucial"})
+Operation = Literal[
+    "prune_redundant", "merge_important", "prune_similar", "merge_similar", "merge_crucial", "merge_energy", "fuse_topk"
+]
+IMPORTANCE_OPERATIONS: frozenset[str] = frozenset({"merge_important", "merge_crucial", "fuse_topk"})
+METHOD_OPERATIONS: dict[str, Operation] = {
+    "tome": "merge_similar", "crucial": "merge_crucial", "pitome": "merge_energy", "topk": "fuse_topk"
+}
+"""Methods that run one operation in every layer; RAPID and ToFu switch from pruning to merging."""
 
 
 @dataclass(frozen=True)
@@ -39,6 +46,8 @@ class LayerStep:
     operation: Operation | None
     r: int
     settings: RapidConfig
+    layer: int = 0
+    num_layers: int = 1
 
     @property
     def merge_mode(self) -> MergeMode:
@@ -63,10 +72,8 @@ def layer_operation(config: RapidConfig, layer: int, num_layers: int) -> Operati
     """The method's operation at `layer` (docs/METHOD.md): RAPID and ToFu switch from pruning to merging."""
     if config.method == "none":
         return None
-    if config.method == "tome":
-        return "merge_similar"
-    if config.method == "crucial":
-        return "merge_crucial"
+    if config.method in METHOD_OPERATIONS:
+        return METHOD_OPERATIONS[config.method]
     before_switch = layer < config.resolved_switch_layer(num_layers)
     if config.method == "rapid":
         return "prune_redundant" if before_switch else "merge_important"
@@ -88,7 +95,10 @@ def layer_steps(config: RapidConfig, num_tokens: int, num_layers: int, num_prote
 def _layer_steps(config: RapidConfig, num_tokens: int, num_layers: int, num_protected: int) -> tuple[LayerStep, ...]:
     schedule = requested_schedule(config, num_tokens, num_layers, num_protected)
     return tuple(
-        LayerStep(operation=layer_operation(config, layer, num_layers) if r > 0 else None, r=r, settings=config)
+        LayerStep(
+            operation=layer_operation(config, layer, num_layers) if r > 0 else None, r=r, settings=config,
+            layer=layer, num_layers=num_layers,
+        )
         for layer, r in enumerate(schedule)
     )
 
@@ -98,7 +108,7 @@ _cached_layer_steps = functools.lru_cache(maxsize=512)(_layer_steps)
 
 def build_plan(
     step: LayerStep, keys: Tensor, importance: Tensor | None, num_protected: int, sizes: Tensor | None
-) -> ReductionPlan | SelectionPlan | None:
+) -> ReductionPlan | SelectionPlan | FusePlan | None:
     """The plan for one layer from its keys `(B, heads, N, d)`, the importance of each token `(B, N)` (given by
     the model adapter, see `attention_importance`; needed when `step.needs_importance`) and the token sizes
     `(B, N, 1)` (None = all 1)."""
@@ -113,6 +123,11 @@ def build_plan(
             importance = per_patch_importance(importance, sizes)
     if step.operation == "merge_crucial":
         return crucial_merge_plan(matching_metric(keys), r, num_protected, importance, settings.importance_ratio)
+    if step.operation == "fuse_topk":
+        return topk_fuse_plan(importance, r, num_protected)
+    if step.operation == "merge_energy":
+        margin = pitome_margin(step.layer, step.num_layers)
+        return pitome_merge_plan(matching_metric(keys), r, num_protected, margin)
     scores = bipartite_similarity(matching_metric(keys), num_protected)
     if step.operation == "merge_similar":
         return similarity_merge_plan(scores, r, num_protected)
@@ -133,10 +148,13 @@ def reduce_tokens(
     keys: Tensor,
     importance: Tensor | None,
     num_protected: int,
-) -> tuple[Tensor, Tensor | None, ReductionPlan | SelectionPlan | None]:
+) -> tuple[Tensor, Tensor | None, ReductionPlan | SelectionPlan | FusePlan | None]:
     """One reduction step: returns the reduced hidden states, sizes and the plan (None if nothing moved)."""
     plan = build_plan(step, keys, importance, num_protected, sizes)
     if plan is None:
         return hidden, sizes, None
-    hidden, sizes = apply_plan(plan, hidden, sizes, step.merge_mode)
+    if isinstance(plan, FusePlan):  # fused with importance weights, not sizes
+        hidden, sizes = plan.apply(hidden, sizes, step.merge_mode)
+    else:
+        hidden, sizes = apply_plan(plan, hidden, sizes, step.merge_mode)
     return hidden, sizes, plan
