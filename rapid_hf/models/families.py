@@ -12,6 +12,7 @@ FAMILY_MODULES: tuple[str, ...] = (
     "rapid_hf.models.modeling_rapid",
     "rapid_hf.models.modeling_rapid_dinov2",
     "rapid_hf.models.modeling_rapid_clip",
+    "rapid_hf.models.modeling_rapid_siglip",
 )
 """One modeling module per family, each defining `FAMILY`; families never import each other."""
 
