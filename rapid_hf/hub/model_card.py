@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import transformers
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
@@ -28,6 +27,9 @@ from rapid_hf.reduction.config import RapidConfig
 TEMPLATE_PATH = Path(__file__).with_name("modelcard_template.md")
 LOCAL_DATASET_TYPE = "imagefolder"
 LOCAL_DATASET_NAME = "local imagefolder"
+TESTED_TRANSFORMERS = ">=5.24,<5.26"
+"""The transformers versions rapid_hf is tested against (pyproject.toml pins the same range). A card names this
+range, never the installed version, so it reads the same whichever version in the range built it."""
 
 METHOD_TEXT: dict[str, tuple[str, str]] = {
     "rapid": ("RAPID", "redundancy-aware pruning in the shallow layers, then merging of unimportant tokens (guided by "
@@ -245,7 +247,7 @@ def build_model_card(info: CardInfo, results: MeasuredResults, template_path: Pa
         provenance=_provenance(results, info),
         repo_id=info.repo_id,
         version=rapid_hf.__version__,
-        transformers_version=transformers.__version__,
+        transformers_range=TESTED_TRANSFORMERS,
         rapid_json=json.dumps(info.rapid.to_dict(), indent=2),
     )
 
@@ -264,6 +266,7 @@ def card_metrics(card: ModelCard) -> dict[str, Any]:
 __all__ = [
     "LOCAL_DATASET_NAME",
     "TEMPLATE_PATH",
+    "TESTED_TRANSFORMERS",
     "CardInfo",
     "build_model_card",
     "card_metrics",
