@@ -30,7 +30,6 @@ from transformers.models.clip.modeling_clip import (
     CLIPOutput,
     CLIPVisionModelOutput,
     _get_vector_norm,
-    image_text_contrastive_loss,
 )
 from transformers.models.clip.modeling_clip import eager_attention_forward as clip_eager_attention
 from transformers.utils.generic import can_return_tuple
@@ -230,13 +229,23 @@ class RapidCLIPModel(RapidHeadMixin, CLIPModel):
         vision_outputs.pooler_output = self.visual_projection(vision_outputs.pooler_output)
         return vision_outputs
 
+    def get_text_features(
+        self,
+        *args: Any,
+        rapid: RapidConfig | Mapping[str, Any] | None = None,
+        output_sources: bool = False,
+        output_dense: bool = False,
+        **kwargs: Any,
+    ) -> Any:
+        """The stock method; the reduction arguments the stock `forward` hands both towers are the image tower's."""
+        return super().get_text_features(*args, **kwargs)
+
     @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         pixel_values: Tensor | None = None,
-        attention_mask: Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
+        *args: Any,
         return_loss: bool | None = None,
         interpolate_pos_encoding: bool = False,
         rapid: RapidConfig | Mapping[str, Any] | None = None,
@@ -244,46 +253,25 @@ class RapidCLIPModel(RapidHeadMixin, CLIPModel):
         output_dense: bool = False,
         **kwargs: Any,
     ) -> RapidCLIPOutput:
-        """The stock forward (mirrors `CLIPModel.forward` of transformers 5.24) with the reduced image tower.
+        """The stock forward (it calls the reduced `get_image_features`), plus the vision tower's reduction fields.
 
         Also takes images alone (`input_ids=None`, where the stock forward fails): then only `image_embeds` (and
         the vision outputs) are set, which is what throughput benchmarks of the image tower run.
         """
-        vision_outputs = self.get_image_features(
-            pixel_values=pixel_values,
-            interpolate_pos_encoding=interpolate_pos_encoding,
-            rapid=rapid,
-            output_sources=output_sources,
-            output_dense=output_dense,
-            **kwargs,
-        )
-        image_embeds = vision_outputs.pooler_output
-        image_embeds = image_embeds / _get_vector_norm(image_embeds)
+        reduction = {"rapid": rapid, "output_sources": output_sources, "output_dense": output_dense}
         if input_ids is None:
             if return_loss:
                 raise ValueError("return_loss needs input_ids: the contrastive loss pairs images with texts")
+            vision_outputs = self.get_image_features(pixel_values, interpolate_pos_encoding, **reduction, **kwargs)
+            image_embeds = vision_outputs.pooler_output / _get_vector_norm(vision_outputs.pooler_output)
             return RapidCLIPOutput(
                 image_embeds=image_embeds, vision_model_output=vision_outputs, **reduction_fields(vision_outputs)
             )
-        text_outputs = self.get_text_features(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs
+        output = super().forward(
+            input_ids, pixel_values, *args, return_loss=return_loss, interpolate_pos_encoding=interpolate_pos_encoding,
+            **reduction, **kwargs,
         )
-        text_embeds = text_outputs.pooler_output
-        text_embeds = text_embeds / _get_vector_norm(text_embeds)
-        logits_per_text = torch.matmul(text_embeds, image_embeds.t().to(text_embeds.device))
-        logits_per_text = logits_per_text * self.logit_scale.exp().to(text_embeds.device)
-        logits_per_image = logits_per_text.t()
-        loss = image_text_contrastive_loss(logits_per_text) if return_loss else None
-        return RapidCLIPOutput(
-            loss=loss,
-            logits_per_image=logits_per_image,
-            logits_per_text=logits_per_text,
-            text_embeds=text_embeds,
-            image_embeds=image_embeds,
-            text_model_output=text_outputs,
-            vision_model_output=vision_outputs,
-            **reduction_fields(vision_outputs),
-        )
+        return RapidCLIPOutput(**output, **reduction_fields(output.vision_model_output))
 
 
 inherit_checkpoint_conversions(RapidCLIPVisionModelWithProjection, CLIPVisionModelWithProjection)
