@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -32,14 +31,6 @@ from rapid_hf.evaluation.fidelity import kl_divergence, top1_nll
 from rapid_hf.reduction.matching import bipartite_similarity
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_script(name: str):
-    """Import scripts/<name>.py as a module (scripts are not a package), to run its main() in-process."""
-    spec = importlib.util.spec_from_file_location(f"script_{name}", REPO_ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 TINY = {"hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 128,
@@ -201,7 +192,7 @@ def test_calibration_searches_only_the_methods_knobs(tiny_model, images):
 
 
 def test_switch_layer_sweep_changes_nothing_else(tiny_model, images):
-    # What scripts/switch_layer_study.py relies on: one trial per K, every other knob as given (no ToMe seed).
+    # What experiments/switch_layer/switch_layer_study.py relies on: one trial per K, every other knob as given.
     result = calibrate(tiny_model, images, RapidConfig(r=6, switch_layer=2), searched=["switch_layer"], max_rounds=1,
                        progress=False)
     assert sorted(t.settings["switch_layer"] for t in result.trials) == [0, 1, 2, 3, 4]
@@ -285,10 +276,11 @@ def test_calibrate_command_end_to_end(tiny_model, tmp_path, capsys):
         for index in range(12):  # calibration rows: 0, 5, 10
             Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(data_dir / f"{index}.png")
             writer.writerow([f"{index}.png", index % 10])
-    calibrate_script = load_script("calibrate")
-    argv = ["--model", str(model_dir), "--data-dir", str(data_dir), "--r", "4", "--max-rounds", "1",
+    from rapid_hf import cli
+
+    argv = ["calibrate", "--model", str(model_dir), "--data-dir", str(data_dir), "--r", "4", "--max-rounds", "1",
             "--output-dir", str(out_dir), "--objective", "agreement"]
-    calibrate_script.main(argv)
+    assert cli.main(argv) == 0
     log = json.loads((out_dir / CALIBRATION_LOG).read_text())
     assert log["calibration_rows"] == [0, 5, 10] and log["objective"] == "agreement"
     reloaded = RapidViTForImageClassification.from_pretrained(out_dir)
@@ -296,5 +288,5 @@ def test_calibrate_command_end_to_end(tiny_model, tmp_path, capsys):
     assert (out_dir / "preprocessor_config.json").exists()
 
     with pytest.raises(SystemExit):
-        calibrate_script.parse_args([*argv, "--switch-layer", "soon"])
+        cli.parse_args([*argv, "--switch-layer", "soon"])
     assert "expected 'auto' or an int" in capsys.readouterr().err

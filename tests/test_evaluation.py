@@ -203,7 +203,7 @@ def test_streamed_rows_are_numbered_and_selected_like_the_map_style_ones(tiny_im
     [
         ({}, "exactly one of"),
         ({"dataset": "imagenet-1k", "data_dir": "x"}, "exactly one of"),
-        ({"data_dir": "/no/such/dir"}, "does not exist"),
+        ({"data_dir": "/no/such/dir"}, "is not a directory"),
         ({"dataset": "imagenet-1k", "subset": "test"}, "subset"),
         ({"dataset": "imagenet-1k", "max_samples": 0}, "max_samples"),
     ],

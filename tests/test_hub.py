@@ -278,6 +278,34 @@ def test_results_select_evaluation_benchmark_and_reference(tmp_path, tiny_vit):
                                                                "python scripts/benchmark.py --model X"]
 
 
+def test_a_benchmark_of_several_batch_sizes_and_threads_gives_the_chosen_cell(tmp_path, tiny_vit, capsys):
+    """`rapid-hf benchmark --batch-size 1,4 --threads 1,2` (what the README recommends) writes one record per cell:
+    push names the cells and the flags choosing one, and the card quotes the chosen cell with its own baseline."""
+    cells = [(threads, batch) for threads in (1, 2) for batch in (1, 4)]
+    records = []
+    for threads, batch in cells:
+        records.append(bench_record(tiny_vit, method="none", r=0, speedup=1.0, flop_ratio=1.0, batch_size=batch,
+                                    num_threads=threads, throughput=100.0 * batch))
+        records.append(bench_record(tiny_vit, speedup=1.0 + batch / 10 + threads / 100, batch_size=batch,
+                                    num_threads=threads))
+    bench = write_json(tmp_path / "latency.json", records)
+    with pytest.raises(ValueError, match=r"at batch_size 1 and 4; num_threads 1 and 2: pass --benchmark-batch-size "
+                                         r"and --benchmark-threads to choose the one the card quotes"):
+        load_results([bench], str(tiny_vit), RAPID16)
+    chosen = load_results([bench], str(tiny_vit), RAPID16, {"batch_size": 4, "num_threads": 2})
+    assert chosen.benchmark["speedup"] == pytest.approx(1.42) and chosen.reference["throughput"] == 400.0
+    with pytest.raises(ValueError, match="no benchmark record for method=rapid r=16 at batch_size=8"):
+        load_results([bench], str(tiny_vit), RAPID16, {"batch_size": 8})
+    base = ["--model", str(tiny_vit), "--base-model", BASE, "--repo-id", "me/tiny", "--results", str(bench)]
+    assert push_main([*base, "--dry-run", str(tmp_path / "card"), "--card-only"]) == 2
+    assert "--benchmark-batch-size and --benchmark-threads" in capsys.readouterr().err
+    assert not (tmp_path / "card").exists()
+    assert push_main([*base, "--benchmark-batch-size", "4", "--benchmark-threads", "1", "--dry-run",
+                      str(tmp_path / "card"), "--card-only"]) == 0
+    card = (tmp_path / "card" / "README.md").read_text()
+    assert "batch_size=4" in card and "num_threads=1" in card and "| 1.41 |" in card
+
+
 def test_same_model_compares_resolved_paths_and_hub_ids(tiny_vit, monkeypatch):
     monkeypatch.chdir(tiny_vit.parent)
     assert same_model(tiny_vit.name, str(tiny_vit))
@@ -414,7 +442,7 @@ def test_cli_settings_select_the_matching_records(tmp_path, tiny_vit):
     path = write_json(tmp_path / "eval.json", [
         eval_record(tiny_vit), eval_record(tiny_vit, label="rapid-cal", rapid=calibrated.to_dict(), top1=0.75),
         eval_record(tiny_vit, method="tome", r=None, rapid=by_tokens.to_dict(), top1=0.6)])
-    common = ["--model", str(tiny_vit), "--results", str(path)]
+    common = ["--model", str(tiny_vit), "--base-model", BASE, "--results", str(path)]
     args = push_args([*common, "--repo-id", "me/a", "--rapid-config", '{"switch_layer": 2}'])
     assert load_results(args.results, args.model, args.rapid).evaluation["top1"] == 0.75
     args = push_args([*common, "--repo-id", "me/b", "--method", "tome", "--output-tokens", "29"])
@@ -457,7 +485,7 @@ def test_not_logged_in_is_a_clear_error(tmp_path, tiny_vit):
     env = hub_env(tmp_path)
     env["PYTHONPATH"] = str(REPO_ROOT)
     completed = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "scripts" / "push_to_hub.py"), "--model", str(tiny_vit),
+        [sys.executable, "-m", "rapid_hf.cli", "push", "--model", str(tiny_vit),
          "--base-model", BASE, "--repo-id", "me/tiny-rapid-r16"],
         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
     )

@@ -25,12 +25,13 @@ import json
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from rapid_hf.calibration.choices import DEFAULT_OBJECTIVE, OBJECTIVES, SEARCHABLE, SEARCHED, Objective
 from rapid_hf.calibration.statistics import MIN_REDUNDANT_FRACTION, auto_switch_layer, layer_statistics
 from rapid_hf.evaluation.fidelity import kl_divergence, top1_agreement, top1_nll
 from rapid_hf.reduction.config import AUTO, RapidConfig
@@ -43,26 +44,10 @@ DEFAULT_GRID: dict[str, tuple[Any, ...]] = {
     "importance_mode": ("shift", "protect"),
     "importance_source": ("attention", "per_patch"),
 }
-Objective = Literal["kl", "agreement", "top1_nll"]
-OBJECTIVES: tuple[Objective, ...] = ("kl", "agreement", "top1_nll")
-DEFAULT_OBJECTIVE: Objective = "kl"
 # RAPID knobs that make it exactly ToMe.
 TOME_POINT: dict[str, Any] = {
     "switch_layer": 0, "importance_weight": 0.0, "merge_mode": "mean", "importance_mode": "shift"
 }
-# The knobs searched by default, per method (RAPID with importance_mode="protect" adds importance_ratio).
-SEARCHED: dict[str, tuple[str, ...]] = {
-    "rapid": ("switch_layer", "prune_threshold", "importance_weight", "merge_mode"),
-    "tofu": ("switch_layer", "merge_mode"),
-    "crucial": ("importance_ratio", "merge_mode"),
-}
-# Every knob that may be searched when asked for.
-SEARCHABLE: dict[str, tuple[str, ...]] = {
-    **SEARCHED,
-    "rapid": (*SEARCHED["rapid"], "importance_ratio", "importance_mode", "importance_source"),
-}
-
-
 def default_searched(rapid: RapidConfig) -> tuple[str, ...]:
     """The knobs `calibrate` searches when none are named: `SEARCHED`, plus rho for RAPID's "protect" reading."""
     if rapid.method == "rapid" and rapid.importance_mode == "protect":

@@ -1,23 +1,29 @@
 """Calibrate a token-reduction method for one model and reduction amount; save the model with the result.
 
-    rapid-hf calibrate --model ../shared/assets/deit-tiny-imagenet \\
-        --data-dir ../shared/assets/imagenet-sample-dev --r 16 --output calibrated/deit-tiny-r16
+    rapid-hf calibrate --model facebook/deit-tiny-patch16-224 --data-dir ./photos --r 16 \\
+        --output calibrated/deit-tiny-r16
 
 Uses the calibration rows of the data (index % 5 == 0; the first --num-images of them), never the rows results
-are reported on. Searches RAPID's switch layer K, pruning threshold tau, importance weight lambda and merge mode
-(starting from the `switch_layer="auto"` rule) to minimise KL(unreduced || reduced), then writes the model with
-the chosen values in config.json (`save_pretrained`; `rapid-hf evaluate/benchmark/push --model OUTPUT` then run
-them) and the search log as calibration.json.
+are reported on: a folder of 500 photos has 100 calibration rows. Searches RAPID's switch layer K, pruning
+threshold tau, importance weight lambda and merge mode (starting from the `switch_layer="auto"` rule) to minimise
+KL(unreduced || reduced), then writes the model with the chosen values in config.json (`save_pretrained`;
+`rapid-hf evaluate/benchmark/push --model OUTPUT` then run them), its image processor and the search log as
+calibration.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
+from typing import Any
 
 from rapid_hf.cli import common
 
 NAME = "calibrate"
 HELP = "search a method's knobs on calibration images; save the calibrated model"
+REQUIRES = {"eval": ("datasets",)}
+OUTPUT = "folder"
+DEFAULT_NUM_IMAGES = 100
 
 
 def switch_layer_arg(text: str) -> int | str:
@@ -36,14 +42,15 @@ def switch_layer_arg(text: str) -> int | str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from rapid_hf.calibration import SEARCHED
-    from rapid_hf.calibration.search import DEFAULT_OBJECTIVE, OBJECTIVES
+    from rapid_hf.calibration.choices import DEFAULT_OBJECTIVE, OBJECTIVES, SEARCHED
     from rapid_hf.reduction.config import AUTO
 
     common.add_model_argument(parser)
+    common.add_processor_argument(parser)
     common.add_data_arguments(parser, default_num_workers=0, row_selection=False)
-    parser.add_argument("--num-images", type=common.positive_int, default=100,
-                        help="calibration images (the first N calibration rows)")
+    parser.add_argument("--num-images", type=common.positive_int,
+                        help=f"calibration images: the first N calibration rows (default: {DEFAULT_NUM_IMAGES}, or "
+                        "all of them when there are fewer)")
     parser.add_argument("--method", choices=sorted(SEARCHED), default="rapid", help="method to calibrate")
     amount = parser.add_mutually_exclusive_group(required=True)
     amount.add_argument("--r", type=common.non_negative_int, help="tokens removed per layer")
@@ -60,14 +67,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-rounds", type=common.positive_int, default=3, help="coordinate-search rounds at most")
     parser.add_argument("--batch-size", type=common.positive_int, default=50, help="images per forward pass")
     parser.add_argument("--output", "--output-dir", dest="output", required=True,
-                        help="folder for the calibrated model and calibration.json")
+                        help="folder for the calibrated model and calibration.json, e.g. ./calibrated")
 
 
 def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    from rapid_hf.calibration import SEARCHED
+    from rapid_hf.calibration.choices import SEARCHED
     from rapid_hf.reduction.config import RapidConfig
 
     common.check_data_dir(args, parser)
+    common.check_model(args, parser)
     unknown = sorted(set(args.search or []) - set(SEARCHED[args.method]))
     if unknown:
         parser.error(f"--search {unknown} cannot be searched for {args.method}: choose from "
@@ -81,20 +89,38 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         )
     except ValueError as error:
         parser.error(str(error))
+    args.image_processor = common.load_processor(args, parser)
+
+
+def calibration_rows(args: argparse.Namespace) -> Any:
+    """The calibration rows to use; refuses an explicit --num-images the data cannot give, and says how many it
+    uses when that is fewer than the default."""
+    from rapid_hf.calibration import calibration_rows as select_rows
+    from rapid_hf.evaluation.splits import CALIBRATION_EVERY
+
+    wanted = args.num_images or DEFAULT_NUM_IMAGES
+    rows = select_rows(data_dir=args.data_dir, dataset=args.dataset, split=args.split, num_images=None,
+                       image_column=args.image_column, label_column=args.label_column)
+    total = len(rows.dataset)
+    why = (f"{args.data_dir or args.dataset} has {total} image(s), and only every {CALIBRATION_EVERY}th (row index "
+           f"% {CALIBRATION_EVERY} == 0) calibrates, the others being kept for reported results")
+    if len(rows) < wanted:
+        if args.num_images is not None:
+            raise ValueError(f"--num-images {args.num_images} asks for more calibration images than there are: {why}, "
+                             f"so {len(rows)} can be used; pass --num-images {len(rows)} or add images")
+        print(f"calibrating on {len(rows)} image(s), not {DEFAULT_NUM_IMAGES}: {why}", file=sys.stderr)
+    rows.rows = rows.rows[:wanted]
+    return rows
 
 
 def run(args: argparse.Namespace) -> None:
-    from transformers import AutoImageProcessor
-
     from rapid_hf.calibration import calibrate, load_calibration_images, save_calibrated
     from rapid_hf.evaluation.loading import load_rapid_model
 
+    processor = args.image_processor
+    rows = calibration_rows(args)  # before the model: a too-small folder is found at once
     model = load_rapid_model(args.model)
-    processor = AutoImageProcessor.from_pretrained(args.model)
-    pixel_values, rows = load_calibration_images(
-        processor, data_dir=args.data_dir, dataset=args.dataset, split=args.split, num_images=args.num_images,
-        num_workers=args.num_workers,
-    )
+    pixel_values, rows = load_calibration_images(processor, rows=rows, num_workers=args.num_workers)
     result = calibrate(model, pixel_values, rapid=args.rapid, searched=args.search, max_rounds=args.max_rounds,
                        batch_size=args.batch_size, objective=args.objective)
     context = {"model": args.model, "data": args.data_dir or args.dataset, "data_source": common.data_source(args),

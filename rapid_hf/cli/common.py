@@ -1,36 +1,148 @@
-"""What every `rapid-hf` subcommand shares: the help format, argument types, flag groups and output writing.
+"""What every `rapid-hf` subcommand shares: the help format, argument types, flag groups, checks and outputs.
 
 A subcommand is one module of this package with `NAME`, `HELP`, `add_arguments(parser)` and `run(args)`
 (plus, optionally, `check(args, parser)` for checks that need several arguments); `rapid_hf.cli.COMMANDS` lists
-the modules. `run` raising ValueError or FileNotFoundError is reported like a usage error (exit status 2).
+the modules. `run` raising ValueError or OSError is reported as one line (exit status 2; `--verbose` shows the
+traceback). Nothing here imports torch, transformers or datasets at module level or while building a parser.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import json
+import logging
 import os
+import re
 import shlex
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from rapid_hf.evaluation.report import Column, markdown_table, write_json, write_markdown
+PRECISION_NAMES: tuple[str, ...] = ("fp32", "fp16", "bf16")
+"""`rapid_hf.evaluation.loading.PRECISIONS`' names (a test keeps them equal; spelled out so --help needs no torch)."""
+TIMER_NAMES: tuple[str, ...] = ("wall", "process")
+"""`rapid_hf.evaluation.throughput.TIMERS`' names (likewise)."""
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """Keep the description's layout (examples) and show every default in --help.
 
-    A help text that states its own default ("(default: ...)") keeps it; required flags, switches and flags
-    without a default value get no "(default: None)" noise.
+    A help text that states its own default ("(default: ...)") keeps it; required flags, switches (on or off)
+    and flags without a default value get no "(default: None)" / "(default: True)" noise.
     """
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         help_text = action.help or ""
-        if "(default" in help_text or action.required or action.default in (None, False, [], {}, argparse.SUPPRESS):
+        if ("(default" in help_text or action.required or action.nargs == 0
+                or action.default in (None, False, [], {}, argparse.SUPPRESS)):
             return help_text
         return super()._get_help_string(action)
+
+
+ARGPARSE_MESSAGES = ("argument ", "the following arguments", "one of the arguments", "unrecognized arguments",
+                     "invalid choice", "expected one argument", "not allowed with")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors: `rapid-hf evaluate: error: <problem>` (argparse's own, about the flags
+    themselves, end with where to read about them) instead of the usage block and then the problem."""
+
+    def error(self, message: str):  # type: ignore[override]
+        hint = f" (see `{self.prog} --help`)" if any(text in message for text in ARGPARSE_MESSAGES) else ""
+        self.exit(2, f"{self.prog}: error: {message}{hint}\n")
+
+
+def missing_modules(names: Sequence[str]) -> list[str]:
+    """The modules of `names` that cannot be imported (not installed, or blocked with `sys.modules[name] = None`),
+    found without importing them."""
+    missing = []
+    for name in names:
+        if name in sys.modules:
+            if sys.modules[name] is None:
+                missing.append(name)
+        elif importlib.util.find_spec(name) is None:
+            missing.append(name)
+    return missing
+
+
+QUIET_ENVIRONMENT = {
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",  # "Downloading data", "Generating train split", ...
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # huggingface_hub's bars, and transformers' "Loading weights" bar
+    "TRANSFORMERS_VERBOSITY": "error",
+    "DATASETS_VERBOSITY": "error",
+}
+TORCHVISION_NOTICE = "requires torchvision (not installed)"
+
+
+class _DropTorchvisionNotice(logging.Filter):
+    """transformers' "`ViTImageProcessor` requires torchvision (not installed); falling back to ..." notice: the
+    PIL image processors it falls back to are the ones rapid_hf is tested with, so nothing is to be done."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return TORCHVISION_NOTICE not in record.getMessage()
+
+
+@contextlib.contextmanager
+def quiet_libraries(verbose: bool = False) -> Iterator[None]:
+    """Within a command line: no library progress bars ("Loading weights", "Downloading data") and only the
+    libraries' errors, unless `verbose`; never transformers' torchvision notice. Everything is restored afterwards
+    (the command can run inside another program, e.g. the tests)."""
+    notice_logger = logging.getLogger("transformers.utils.import_utils")
+    notice_filter = _DropTorchvisionNotice()
+    notice_logger.addFilter(notice_filter)
+    saved_environment = {name: os.environ.get(name) for name in QUIET_ENVIRONMENT}
+    restore: list[Callable[[], None]] = []
+    if not verbose:
+        for name, value in QUIET_ENVIRONMENT.items():  # read when the libraries are imported
+            os.environ.setdefault(name, value)
+        if sys.modules.get("transformers") is not None:  # already imported: its own switches
+            from transformers.utils import logging as transformers_logging
+
+            level, bars = transformers_logging.get_verbosity(), transformers_logging.is_progress_bar_enabled()
+            transformers_logging.set_verbosity_error()
+            transformers_logging.disable_progress_bar()
+            restore.append(lambda: transformers_logging.set_verbosity(level))
+            if bars:
+                restore.append(transformers_logging.enable_progress_bar)
+        if sys.modules.get("datasets") is not None:
+            import datasets
+
+            level, bars = datasets.logging.get_verbosity(), not datasets.utils.are_progress_bars_disabled()
+            datasets.logging.set_verbosity_error()
+            datasets.disable_progress_bars()
+            restore.append(lambda: datasets.logging.set_verbosity(level))
+            if bars:
+                restore.append(datasets.enable_progress_bars)
+    try:
+        yield
+    finally:
+        notice_logger.removeFilter(notice_filter)
+        for undo in restore:
+            undo()
+        for name, value in saved_environment.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (library errors can run to several lines of advice)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def error_message(error: BaseException) -> str:
+    """One line for an error: an error raised in a DataLoader worker ("Caught ValueError in DataLoader worker
+    process 0. Original Traceback ...") by its original message, any other by its first line."""
+    text = str(error).strip()
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1].strip()
+        return re.sub(r"^[\w.]*\w(Error|Exception): ", "", last)
+    return first_line(error)
 
 
 def comma_list(cast: Callable[[str], Any], what: str) -> Callable[[str], list]:
@@ -94,8 +206,17 @@ def default_device() -> str:
 def add_model_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", required=True,
-        help="Hub id or local folder of a ViT/DeiT image classifier; a model saved with rapid settings (e.g. by "
-             "`rapid-hf calibrate`) runs those settings unless flags override them",
+        help="Hub id (e.g. facebook/deit-small-patch16-224) or local folder (e.g. ./my-vit) of a ViT/DeiT image "
+             "classifier; a model saved with rapid settings (e.g. by `rapid-hf calibrate`) runs those settings unless "
+             "flags override them",
+    )
+
+
+def add_processor_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--processor", metavar="ID_OR_PATH",
+        help="image processor to preprocess with (default: the one saved with --model), e.g. the Hub id of the "
+             "checkpoint the model came from",
     )
 
 
@@ -104,7 +225,8 @@ positive_int_list = comma_list(positive_int, "integers >= 1")
 
 def add_device_arguments(parser: argparse.ArgumentParser, thread_list: bool = False) -> None:
     """--device and --threads; with `thread_list`, --threads takes a comma list (one run per thread count)."""
-    parser.add_argument("--device", choices=["cpu", "cuda"], default=default_device(), help="where the model runs")
+    parser.add_argument("--device", choices=["cpu", "cuda"],
+                        help="where the model runs (default: cuda when available, else cpu)")
     parser.add_argument(
         "--threads", type=positive_int_list if thread_list else positive_int,
         help="torch.set_num_threads (default: torch's); 1 on a busy shared CPU"
@@ -115,13 +237,14 @@ def add_device_arguments(parser: argparse.ArgumentParser, thread_list: bool = Fa
 def add_data_arguments(
     parser: argparse.ArgumentParser, default_num_workers: int | None = None, row_selection: bool = True
 ) -> None:
-    """Where the labelled images come from (`rapid_hf.evaluation.data.DataSpec`) and, with `row_selection`,
-    which rows and columns are used."""
+    """Where the labelled images come from (`rapid_hf.evaluation.data.DataSpec`), their columns and, with
+    `row_selection`, which rows are used."""
     from rapid_hf.evaluation.splits import SUBSETS
 
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--dataset", help="Hub dataset id, e.g. imagenet-1k")
-    source.add_argument("--data-dir", help="imagefolder directory (images + metadata.csv with file_name,label)")
+    source.add_argument("--data-dir", help="imagefolder directory, e.g. ./photos (images + metadata.csv with "
+                                           "file_name,label)")
     parser.add_argument("--split", help="dataset split (default: validation for --dataset, train for --data-dir)")
     if row_selection:
         parser.add_argument("--streaming", action="store_true", help="stream the dataset instead of downloading it")
@@ -130,8 +253,8 @@ def add_data_arguments(
             help="rows: all, report (index %% 5 != 0) or calibration (index %% 5 == 0)",
         )
         parser.add_argument("--max-samples", type=positive_int, help="use only the first N rows of the subset")
-        parser.add_argument("--image-column", default="image", help="dataset column holding the images")
-        parser.add_argument("--label-column", default="label", help="dataset column holding the class indices")
+    parser.add_argument("--image-column", default="image", help="dataset column holding the images")
+    parser.add_argument("--label-column", default="label", help="dataset column holding the class indices")
     parser.add_argument(
         "--num-workers", type=non_negative_int,
         default=min(4, os.cpu_count() or 1) if default_num_workers is None else default_num_workers,
@@ -149,10 +272,106 @@ def add_class_names_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def check_data_dir(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    """A missing --data-dir folder is a usage error, before any model is loaded."""
+    """A missing --data-dir folder, or one without metadata.csv (where the labels are), is a usage error before
+    any model is loaded."""
+    from rapid_hf.evaluation.data import check_image_folder
+
     data_dir = getattr(args, "data_dir", None)
-    if data_dir is not None and not Path(data_dir).is_dir():
-        parser.error(f"--data-dir {data_dir!r} is not a directory")
+    if data_dir is None:
+        return
+    try:
+        check_image_folder(data_dir)
+    except ValueError as error:
+        parser.error(str(error))
+
+
+def looks_local(name: str) -> bool:
+    """Whether `name` is written as a path, not a Hub id: it starts with ./ ../ / or ~, or holds a path separator
+    a Hub id cannot (a second "/", or the system's own separator where that is not "/")."""
+    if name in (".", "..") or name.startswith(("./", "../", "/", "~")):
+        return True
+    if os.sep != "/" and os.sep in name:
+        return True
+    return name.count("/") > 1
+
+
+def check_model(args: argparse.Namespace, parser: argparse.ArgumentParser, flag: str = "--model") -> None:
+    """A --model written as a path must be a folder holding config.json (not "Repo id must use alphanumeric
+    chars"); a Hub id is checked when its config is read."""
+    name = getattr(args, flag[2:].replace("-", "_"))
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            parser.error(f"{flag} {name!r} holds no config.json: pass a folder written by save_pretrained, or a Hub id")
+        return
+    if path.exists():
+        parser.error(f"{flag} {name!r} is a file: pass the model's folder (written by save_pretrained) or a Hub id")
+    if looks_local(name):
+        parser.error(f"{flag} {name!r}: no such folder")
+
+
+def check_output(parser: argparse.ArgumentParser, path: str | Path | None, flag: str = "--output",
+                 folder: bool = False) -> None:
+    """Refuse an output that cannot be written (a parent that is a file, an unwritable folder, an existing folder
+    where a file goes) before any work is done."""
+    if path is None:
+        return
+    path = Path(path).expanduser()
+    if folder:
+        if path.exists() and not path.is_dir():
+            parser.error(f"{flag} {str(path)!r} is a file, not a folder")
+        target = path
+    else:
+        if path.is_dir():
+            parser.error(f"{flag} {str(path)!r} is a folder: give a file name")
+        target = path.parent
+    existing = target
+    while not existing.exists():  # the nearest existing ancestor must be a writable folder
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        parser.error(f"{flag} {str(path)!r} cannot be written: {str(existing)!r} is a file, not a folder")
+    if existing.exists() and not os.access(existing, os.W_OK | os.X_OK):
+        parser.error(f"{flag} {str(path)!r} cannot be written: no permission to write in {str(existing)!r}")
+
+
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+
+
+def load_processor(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Any:
+    """The image processor of `--processor`, else the one saved with `--model`; a missing one is a usage error
+    saying how to provide it (a model saved alone, e.g. `model.save_pretrained("vit-rapid")`, has none)."""
+    from transformers import AutoImageProcessor
+
+    given = getattr(args, "processor", None)
+    name = given or args.model
+    folder = Path(name).expanduser()
+    if given is None and folder.is_dir() and not any((folder / file).is_file() for file in PROCESSOR_FILES):
+        parser.error(f"--model {name!r} has no image processor (preprocessor_config.json): save it beside the model "
+                     f"(processor.save_pretrained({name!r})) or pass --processor ID_OR_PATH, e.g. the Hub id of the "
+                     "checkpoint the model came from")
+    if given is not None and looks_local(given) and not folder.is_dir():
+        parser.error(f"--processor {given!r}: no such folder")
+    try:
+        return AutoImageProcessor.from_pretrained(name)
+    except (OSError, ValueError) as error:
+        hint = "" if given else " (pass --processor ID_OR_PATH to use another one)"
+        parser.error(f"{'--processor' if given else '--model'} {name!r}: its image processor cannot be loaded: "
+                     f"{first_line(error)}{hint}")
+
+
+def check_image(path: Path, parser: argparse.ArgumentParser, flag: str = "--image") -> None:
+    """An image file that exists and that PIL can decode (a truncated or corrupt file is named, in one line)."""
+    from PIL import Image
+
+    if not path.is_file():
+        parser.error(f"{flag} {str(path)!r} is not a file")
+    try:
+        with Image.open(path) as picture:
+            picture.load()
+    except (OSError, SyntaxError, ValueError) as error:
+        parser.error(f"{flag} {str(path)!r} cannot be read as an image ({first_line(error)})")
 
 
 def data_source(args: argparse.Namespace) -> str:
@@ -168,13 +387,24 @@ def command_line(command: str, argv: Sequence[str] | None) -> str:
     return " ".join(shlex.quote(part) for part in ["rapid-hf", command, *args])
 
 
-def write_outputs(records: list[dict[str, Any]], path: str | Path, columns: list[Column], command: str) -> str:
+def write_outputs(records: list[dict[str, Any]], path: str | Path, columns: list, command: str) -> str:
     """Write the JSON records and the Markdown table (headed by `command`) next to it; return the table."""
+    from rapid_hf.evaluation.report import markdown_table, write_json, write_markdown
+
+    warn_capped(records)
     path = write_json(records, path)
     table = markdown_table(records, columns)
     markdown = write_markdown(table, Path(path).with_suffix(".md"), command)
     print(f"wrote {path} and {markdown}")
     return table
+
+
+def warn_capped(records: Sequence[dict[str, Any]]) -> None:
+    """One line on stderr per reduction amount that the layers could not remove in full."""
+    from rapid_hf.evaluation.variants import capped_notes
+
+    for note in capped_notes(records):
+        print(note, file=sys.stderr)
 
 
 def print_json(data: Any) -> None:
@@ -209,17 +439,25 @@ def add_variant_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def read_saved_settings(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Any:
+    """The `--model`'s saved settings (None for a plain checkpoint), read from its config alone (no weights); a
+    missing folder or unreadable config is a usage error."""
+    from rapid_hf.evaluation.loading import saved_settings
+
+    check_model(args, parser)
+    try:
+        return saved_settings(args.model)
+    except (OSError, ValueError) as error:
+        parser.error(f"--model {args.model!r} cannot be read: {first_line(error)}")
+
+
 def resolve_rows(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """Set `args.variant_rows` from the grid flags and the model's saved settings; a bad combination is a usage
     error naming it."""
-    from rapid_hf.evaluation.loading import saved_settings
     from rapid_hf.evaluation.variants import grid_variants
 
     methods = args.methods.split(",") if isinstance(args.methods, str) else args.methods
-    try:
-        saved = saved_settings(args.model)
-    except (OSError, ValueError) as error:
-        parser.error(f"--model {args.model!r} cannot be read: {error}")
+    saved = read_saved_settings(args, parser)
     try:
         args.variant_rows = grid_variants(methods, args.r, args.output_tokens, args.rapid_config, args.variants, saved)
     except ValueError as error:
@@ -228,32 +466,32 @@ def resolve_rows(args: argparse.Namespace, parser: argparse.ArgumentParser) -> N
 
 def add_precision_arguments(parser: argparse.ArgumentParser, batch_list: bool = False) -> None:
     """--batch-size and --precision; with `batch_list`, --batch-size takes a comma list (one run per size)."""
-    from rapid_hf.evaluation.loading import PRECISIONS
-
     if batch_list:
         parser.add_argument("--batch-size", type=positive_int_list, default=[64],
                             help="images per forward pass; a comma list, e.g. 1,4,16,64, measures each (default: 64)")
     else:
         parser.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass")
-    parser.add_argument("--precision", choices=list(PRECISIONS), default="fp32", help="autocast dtype (paper: fp16)")
+    parser.add_argument("--precision", choices=list(PRECISION_NAMES), default="fp32",
+                        help="autocast dtype (paper: fp16)")
 
 
 def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
     """How the speed benchmark runs."""
-    from rapid_hf.evaluation.throughput import TIMERS
-
     parser.add_argument("--warmup", type=non_negative_int, default=2, help="untimed forwards per row before timing")
     parser.add_argument("--repeats", type=positive_int, default=10, help="timed rounds over all rows (median taken)")
     parser.add_argument("--number", type=positive_int, default=1, help="forwards per row per round")
     parser.add_argument(
-        "--timer", choices=list(TIMERS), default="wall",
+        "--timer", choices=list(TIMER_NAMES), default="wall",
         help="wall clock, or this process's CPU time ('process', for busy shared CPU machines; use --threads 1)",
     )
 
 
 def check_device(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Resolve the default --device (cuda when available) and refuse cuda where there is none."""
     import torch
 
+    if getattr(args, "device", "") is None:
+        args.device = default_device()
     if getattr(args, "device", None) == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available here (use --device cpu)")
 
@@ -267,13 +505,9 @@ def set_threads(args: argparse.Namespace) -> None:
 
 def single_r_rows(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """`args.variant_rows` for commands with one `--r`: the given r, else the model's saved amount, else 16."""
-    from rapid_hf.evaluation.loading import saved_settings
     from rapid_hf.evaluation.variants import grid_variants, saved_amount
 
-    try:
-        saved = saved_settings(args.model)
-    except (OSError, ValueError) as error:
-        parser.error(f"--model {args.model!r} cannot be read: {error}")
+    saved = read_saved_settings(args, parser)
     default_r = [16] if saved is None or saved_amount(saved) is None else []
     try:
         args.variant_rows = grid_variants(args.methods, [args.r] if args.r is not None else default_r, saved=saved)

@@ -3,7 +3,10 @@
     rapid-hf evaluate --model facebook/deit-small-patch16-224 --dataset imagenet-1k --split validation \\
         --methods none,tome,tofu,rapid --r 8,13,16 --output eval.json
     rapid-hf evaluate --model ./calibrated --data-dir ./photos --subset report --methods none,rapid
-    rapid-hf evaluate --model ./clip --class-names imagenet_classes.txt --data-dir ./photos --methods none,tome
+    rapid-hf evaluate --model openai/clip-vit-base-patch32 --class-names ./classes.txt --data-dir ./photos \\
+        --methods none,tome --r 8
+
+`--data-dir` is a folder of images with a metadata.csv (file_name,label: the model's class index per image).
 
 Runs unchanged under `accelerate launch --num_processes N -m rapid_hf.cli evaluate ...` (same numbers as one
 process). Writes a JSON list of records (fields: `rapid_hf.evaluation.accuracy`, plus `settings_source` and
@@ -19,10 +22,13 @@ from rapid_hf.cli import common
 
 NAME = "evaluate"
 HELP = "accuracy, agreement and KL vs the unreduced model on labelled images"
+REQUIRES = {"eval": ("datasets", "evaluate", "accelerate")}
+OUTPUT = "file"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     common.add_model_argument(parser)
+    common.add_processor_argument(parser)
     common.add_data_arguments(parser)
     common.add_variant_arguments(parser)
     common.add_precision_arguments(parser)
@@ -32,15 +38,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Every flag and path, the model's config and its image processor, before any weight or image is read."""
+    from pathlib import Path
+
     common.check_data_dir(args, parser)
+    class_names = getattr(args, "class_names", None)
+    if class_names is not None and not Path(class_names).is_file():
+        parser.error(f"--class-names {class_names!r} is not a file")
     common.check_device(args, parser)
     common.resolve_rows(args, parser)
+    args.image_processor = common.load_processor(args, parser)
 
 
 def evaluate(args: argparse.Namespace, accelerator: Any = None) -> list[dict[str, Any]] | None:
     """Accuracy records of `args.variant_rows` (None on non-main processes of a distributed run)."""
     from accelerate import Accelerator
-    from transformers import AutoImageProcessor
 
     from rapid_hf.evaluation.accuracy import predict, summarize
     from rapid_hf.evaluation.data import DataSpec, load_rows, make_dataloader
@@ -61,12 +73,12 @@ def evaluate(args: argparse.Namespace, accelerator: Any = None) -> list[dict[str
         image_column=args.image_column,
         label_column=args.label_column,
     )
+    rows = load_rows(spec)  # the dataset's columns are checked before the weights load
     model = load_rapid_model(args.model, accelerator.device)
     if args.class_names is not None:
         model = zero_shot_model(model, args.model, args.class_names)
-    processor = AutoImageProcessor.from_pretrained(args.model)
-    rows = load_rows(spec)
-    loader = make_dataloader(rows, processor, args.batch_size, args.num_workers, args.image_column, args.label_column)
+    loader = make_dataloader(rows, args.image_processor, args.batch_size, args.num_workers, args.image_column,
+                             args.label_column)
     predictions = predict(model, loader, args.variant_rows, accelerator, args.precision)
     accelerator.wait_for_everyone()
     if owns_accelerator:  # tear the process group down before exit, or a rank can abort while shutting down

@@ -1,7 +1,7 @@
 """Export a Rapid model with its reduction settings to ONNX, for ONNX Runtime (no PyTorch needed to run it).
 
-    rapid-hf export --model ../shared/assets/deit-tiny-imagenet --method rapid --r 16 --output deit-rapid-r16.onnx
-    rapid-hf export --model calibrated/deit-tiny-r16 --output deit-calibrated.onnx   # the model's saved settings
+    rapid-hf export --model facebook/deit-tiny-patch16-224 --method rapid --r 16 --output deit-rapid-r16.onnx
+    rapid-hf export --model ./calibrated --output deit-calibrated.onnx   # the model's saved settings
 
 The graph takes `pixel_values` of one fixed shape (batch size x channels x image size; float32, preprocessed by
 the model's image processor) and returns `logits`. Without --method/--r the model's saved settings run (none for
@@ -18,14 +18,16 @@ from rapid_hf.cli import common
 
 NAME = "export"
 HELP = "write an ONNX model of a Rapid model with its settings, for ONNX Runtime"
+REQUIRES = {"onnx": ("onnx", "onnxscript", "onnxruntime")}
+OUTPUT = "file"
+DEFAULT_OPSET_TEXT = "18, rapid_hf.export.DEFAULT_OPSET"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from rapid_hf.export import DEFAULT_OPSET
     from rapid_hf.reduction.config import METHODS
 
     common.add_model_argument(parser)
-    parser.add_argument("--output", required=True, help="ONNX file to write (.onnx)")
+    parser.add_argument("--output", required=True, help="ONNX file to write, e.g. ./model.onnx")
     parser.add_argument(
         "--method", choices=list(METHODS),
         help="reduction method (default: the model's saved method, none for a plain checkpoint)",
@@ -43,7 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="input height and width in pixels (default: the model's own; another size interpolates positions)",
     )
     parser.add_argument("--batch-size", type=common.positive_int, default=1, help="images per call (fixed)")
-    parser.add_argument("--opset", type=common.positive_int, default=DEFAULT_OPSET, help="ONNX opset version")
+    parser.add_argument("--opset", type=common.positive_int,
+                        help=f"ONNX opset version (default: {DEFAULT_OPSET_TEXT})")
     parser.add_argument(
         "--verify", action="store_true",
         help="run the file once with onnxruntime on a random input and print the largest |logit diff| from PyTorch",
@@ -57,16 +60,12 @@ def _parse_settings(text: str):
 
 
 def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    from rapid_hf.evaluation.loading import saved_settings
     from rapid_hf.evaluation.variants import grid_variants, saved_amount
     from rapid_hf.reduction.config import RapidConfig
 
     if not args.output.endswith(".onnx"):
         parser.error(f"--output {args.output!r} must end in .onnx")
-    try:
-        saved = saved_settings(args.model)
-    except (OSError, ValueError) as error:
-        parser.error(f"--model {args.model!r} cannot be read: {error}")
+    saved = common.read_saved_settings(args, parser)
     method = args.method or (saved.method if saved is not None else "none")
     if method == "none" and args.r:
         parser.error("--r needs a reducing --method (the model's saved method is none)")
@@ -86,12 +85,12 @@ def run(args: argparse.Namespace) -> None:
     import torch
 
     from rapid_hf.evaluation.loading import load_rapid_model
-    from rapid_hf.export import export_onnx, onnx_metadata
+    from rapid_hf.export import DEFAULT_OPSET, export_onnx, onnx_metadata
 
     model = load_rapid_model(args.model)
     path = export_onnx(
         model, args.output, image_size=args.image_size, rapid=args.rapid, batch_size=args.batch_size,
-        opset=args.opset,
+        opset=args.opset or DEFAULT_OPSET,
     )
     metadata = onnx_metadata(path)
     result = {"output": str(path), **metadata}

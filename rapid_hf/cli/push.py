@@ -3,13 +3,15 @@
 Builds the repository folder (safetensors weights, config.json with auto_map, the modeling code generated from
 rapid_hf, the image processor config, the measured results and a model card) and uploads it:
 
-    rapid-hf push --model calibrated/deit-tiny-r16 --base-model facebook/deit-tiny-patch16-224 \\
+    rapid-hf push --model ./calibrated --base-model facebook/deit-tiny-patch16-224 \\
         --repo-id my-user/deit-tiny-rapid-r16 --results eval.json --results bench.json
 
 A model saved with its own settings (e.g. by `rapid-hf calibrate`) is pushed with them; --method, --r,
 --output-tokens and --rapid-config override them (and the command says what they overrode). `--dry-run OUT_DIR`
 writes the exact folder instead of uploading; add `--card-only` to write only README.md and eval_results.json
-(how model_cards/ is generated).
+(how model_cards/ is generated). A benchmark file measured at several batch sizes or thread counts gives the card
+the one chosen by --benchmark-batch-size / --benchmark-threads. Every flag, the results files and the output
+folder are checked before the model is loaded.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from rapid_hf.cli import common
 
 NAME = "push"
 HELP = "build the Hub repository of a reduced model (weights, remote code, measured card) and upload it"
+REQUIRES = {"hub": ("jinja2",)}
+OUTPUT = None  # no --output: --dry-run OUT_DIR is checked by `check`
 DEFAULT_R = 16
 
 
@@ -45,6 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from rapid_hf.reduction.config import METHODS
 
     common.add_model_argument(parser)
+    common.add_processor_argument(parser)
     parser.add_argument("--method", choices=METHODS,
                         help="token reduction method (default: the model's saved method, else rapid)")
     amount = parser.add_mutually_exclusive_group()
@@ -59,6 +64,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--results", action="append", default=[], metavar="FILE",
                         help="results JSON from `rapid-hf evaluate` or `rapid-hf benchmark` (repeatable); the card "
                              "quotes only these measured numbers")
+    parser.add_argument("--benchmark-batch-size", type=common.positive_int, metavar="N",
+                        help="with a benchmark file measured at several batch sizes: the one the card quotes")
+    parser.add_argument("--benchmark-threads", type=common.positive_int, metavar="N",
+                        help="with a benchmark file measured at several thread counts: the one the card quotes")
     parser.add_argument("--dry-run", metavar="OUT_DIR", type=Path,
                         help="write the repository folder to OUT_DIR (new or empty) instead of uploading")
     parser.add_argument("--card-only", action="store_true",
@@ -98,8 +107,14 @@ def rapid_config(args: argparse.Namespace) -> tuple[Any, str, dict[str, Any]]:
     return RapidConfig.from_dict({**changes, "method": args.method or "rapid"}), "defaults", {}
 
 
+def benchmark_cell(args: argparse.Namespace) -> dict[str, int | None]:
+    return {"batch_size": args.benchmark_batch_size, "num_threads": args.benchmark_threads}
+
+
 def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    from rapid_hf.hub.push import check_repo_id
+    """Every flag, the results files, the output folder and the image processor, before any weight is loaded."""
+    from rapid_hf.hub.push import check_folder, check_repo_id, default_base_model
+    from rapid_hf.hub.results import load_results
 
     if args.card_only and args.dry_run is None:
         parser.error("--card-only needs --dry-run OUT_DIR (a card alone is never uploaded)")
@@ -107,11 +122,24 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     if missing:
         parser.error(f"--results {missing} do not exist (write them with `rapid-hf evaluate` / `rapid-hf benchmark`, "
                      "or leave --results out)")
+    if args.dry_run is not None:
+        common.check_output(parser, args.dry_run, "--dry-run", folder=True)
     try:
         check_repo_id(args.repo_id)
-        args.rapid, args.settings_source, args.overrides = rapid_config(args)
-    except (OSError, ValueError) as error:
+    except ValueError as error:
         parser.error(str(error))
+    common.check_model(args, parser)
+    try:
+        args.base_model = check_repo_id(args.base_model, "--base-model") if args.base_model is not None \
+            else default_base_model(args.model)
+        if args.dry_run is not None:
+            check_folder(args.dry_run, args.card_only)
+        args.rapid, args.settings_source, args.overrides = rapid_config(args)
+        if args.results:
+            load_results(args.results, args.model, args.rapid, benchmark_cell(args))
+    except (OSError, ValueError) as error:
+        parser.error(common.first_line(error))
+    args.image_processor = None if args.card_only else common.load_processor(args, parser)
 
 
 def card_info(args: argparse.Namespace):
@@ -141,13 +169,15 @@ def run(args: argparse.Namespace) -> int:
     print(f"pushing {setting_text(args.rapid)} ({source}{overridden})")
     info = card_info(args)
     if args.dry_run is not None:
-        files = build_repo_folder(args.dry_run, args.model, info, args.results, card_only=args.card_only)
+        files = build_repo_folder(args.dry_run, args.model, info, args.results, card_only=args.card_only,
+                                  image_processor=args.image_processor, benchmark_cell=benchmark_cell(args))
         print(f"wrote {args.dry_run}: {', '.join(files)}")
         return 0
     try:
         token, user = require_login(args.token)  # before any weight is loaded
         with tempfile.TemporaryDirectory(prefix="rapid_hf_push_") as folder:
-            build_repo_folder(folder, args.model, info, args.results)
+            build_repo_folder(folder, args.model, info, args.results, image_processor=args.image_processor,
+                              benchmark_cell=benchmark_cell(args))
             url = upload_folder(folder, args.repo_id, token, private=args.private)
     except HubAccessError as error:
         print(f"rapid-hf push: error: {error}", file=sys.stderr)

@@ -1,6 +1,6 @@
 """Evaluate and benchmark one grid of token-reduction settings; write the tables and the Pareto picture.
 
-    rapid-hf sweep --model ./deit-tiny --data-dir ./photos --name deit_tiny \\
+    rapid-hf sweep --model facebook/deit-tiny-patch16-224 --data-dir ./photos --name deit_tiny \\
         --methods none,tome,tofu,rapid --r 4,8,12,16 --threads 1 --timer process --output sweep
 
 writes OUTPUT/NAME_dev.{json,md} (accuracy, fidelity, speed tables), OUTPUT/NAME_<device>_bench.{json,md} and
@@ -16,10 +16,13 @@ from rapid_hf.cli import benchmark, common, evaluate
 
 NAME = "sweep"
 HELP = "evaluate + benchmark one grid; tables and the accuracy/speed picture"
+REQUIRES = {**evaluate.REQUIRES, "viz": ("matplotlib",)}
+OUTPUT = "folder"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     common.add_model_argument(parser)
+    common.add_processor_argument(parser)
     common.add_data_arguments(parser)
     common.add_class_names_argument(parser)
     common.add_variant_arguments(parser)
@@ -27,7 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     common.add_device_arguments(parser)
     common.add_benchmark_arguments(parser)
     parser.add_argument("--name", default="model", help="file prefix: NAME_dev.json, NAME_<device>_bench.json, ...")
-    parser.add_argument("--output", "--results-dir", dest="output", default=".", help="folder the files are written to")
+    parser.add_argument("--output", "--results-dir", dest="output", default=".",
+                        help="folder the files are written to, e.g. ./sweep")
     parser.add_argument("--skip-evaluation", action="store_true", help="reuse NAME_dev.json from an earlier sweep")
     parser.add_argument("--skip-benchmark", action="store_true", help="reuse NAME_<device>_bench.json")
 
@@ -70,6 +74,7 @@ def run(args: argparse.Namespace) -> None:
         bench = benchmark.measure(args)
         write_json(bench, bench_path)
         write_markdown(markdown_table(bench, BENCHMARK_COLUMNS), bench_path.with_suffix(".md"), command)
+    common.warn_capped(accuracy if any("capped" in record for record in accuracy) else bench)
     title = f"{args.name}: top-1 on {accuracy[0]['n_samples']} images vs speed ({args.device}, batch {args.batch_size})"
     picture = plot_pareto(accuracy, bench, folder / f"pareto_{args.name}.png", title=title)
     sections = [

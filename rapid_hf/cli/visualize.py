@@ -1,7 +1,8 @@
 """Draw which image patches a token-reduction method pruned or merged, layer by layer.
 
-    rapid-hf visualize --model PATH --image IMG --methods rapid --r 16 --output out.png
-    rapid-hf visualize --model PATH --image IMG --methods rapid,tome,tofu --r 16 --output cmp.png
+    rapid-hf visualize --model facebook/deit-tiny-patch16-224 --image ./cat.jpg --methods rapid --r 16 \\
+        --output out.png
+    rapid-hf visualize --model ./calibrated --image ./cat.jpg --methods rapid,tome,tofu --output cmp.png
 
 One method draws one row of layers; several draw one row each (row titles in the method's colour). Grey patches
 were pruned, tinted patches belong to a merged token (one tint per token, white outline). A model saved with its
@@ -12,18 +13,23 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from rapid_hf.cli import common
 
 NAME = "visualize"
 HELP = "picture of the patches each method pruned or merged, layer by layer"
+REQUIRES = {"viz": ("matplotlib",)}
+OUTPUT = "file"
+SETTINGS_TEXT = {"defaults": "paper defaults", "model": "the model's saved settings", "variant": "variant settings"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from rapid_hf.reduction.config import METHODS
 
     common.add_model_argument(parser)
-    parser.add_argument("--image", required=True, type=Path, help="image file to trace")
+    common.add_processor_argument(parser)
+    parser.add_argument("--image", required=True, type=Path, help="image file to trace, e.g. ./cat.jpg")
     parser.add_argument("--methods", "--compare", dest="methods", type=common.comma_list(str, "method names"),
                         default="rapid", help=f"comma-separated methods to draw, from {','.join(METHODS)}")
     parser.add_argument("--method", dest="methods", type=common.comma_list(str, "method names"),
@@ -43,17 +49,22 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     unknown = [method for method in args.methods if method not in METHODS]
     if unknown:
         parser.error(f"unknown method(s) {unknown}: choose from {', '.join(METHODS)}")
-    if not args.image.is_file():
-        parser.error(f"--image {str(args.image)!r} is not a file")
+    common.check_image(args.image, parser)
+    if args.output.suffix.lower() != ".png":
+        parser.error(f"--output {str(args.output)!r} must end in .png")
     common.single_r_rows(args, parser)
+    args.image_processor = common.load_processor(args, parser)
 
 
-def preprocess(name_or_path: str, image_path: Path, size: int | None):
-    """The model's own preprocessing, rescaled to a `size` x `size` input when given; returns pixels, mean, std."""
+def preprocess(processor: Any, image_path: Path, size: int | None):
+    """The model's own preprocessing, rescaled to a `size` x `size` input when given; returns pixels, mean, std.
+    `processor` is an image processor, or the model id / folder to load it from."""
     from PIL import Image
-    from transformers import AutoImageProcessor
 
-    processor = AutoImageProcessor.from_pretrained(name_or_path)
+    if isinstance(processor, str | Path):
+        from transformers import AutoImageProcessor
+
+        processor = AutoImageProcessor.from_pretrained(processor)
     kwargs = {}
     if size is not None:
         if "height" not in (processor.size or {}):
@@ -74,7 +85,8 @@ def draw(args: argparse.Namespace):
     import torch
 
     from rapid_hf.evaluation.loading import load_rapid_model
-    from rapid_hf.evaluation.report import setting
+    from rapid_hf.evaluation.report import setting_label
+    from rapid_hf.evaluation.variants import REFERENCE, schedule_fields
     from rapid_hf.visualization import (
         ImageTrace,
         check_layers,
@@ -85,7 +97,7 @@ def draw(args: argparse.Namespace):
     )
 
     model = load_rapid_model(args.model)
-    pixel_values, mean, std = preprocess(args.model, args.image, args.size)
+    pixel_values, mean, std = preprocess(getattr(args, "image_processor", None) or args.model, args.image, args.size)
     patch = model.config.patch_size
     grid = (pixel_values.shape[2] // patch, pixel_values.shape[3] // patch)
     resized = tuple(pixel_values.shape[2:]) != (model.config.image_size, model.config.image_size)
@@ -93,16 +105,20 @@ def draw(args: argparse.Namespace):
     layers = check_layers(args.layers if args.layers is not None else default_layers(num_layers), num_layers)
 
     traces: dict[str, ImageTrace] = {}
+    with torch.no_grad():  # the tokens entering the encoder: what a capped r is measured against
+        input_tokens = model(pixel_values=pixel_values, interpolate_pos_encoding=resized,
+                             rapid=REFERENCE).token_counts[0]
     for variant in args.variant_rows:
         with torch.no_grad():
             output = model(
                 pixel_values=pixel_values, interpolate_pos_encoding=resized, output_sources=True, rapid=variant.rapid
             )
-        amount = setting({"method": variant.rapid.method, "r": variant.requested_r, "rapid": variant.rapid.to_dict()})
-        label = variant.label if variant.rapid.method == "none" else f"{variant.label} {amount}"
+        record = {"method": variant.rapid.method, "r": variant.requested_r, "rapid": variant.rapid.to_dict(),
+                  **schedule_fields(variant.rapid, input_tokens, output.token_counts)}
+        label = variant.label if variant.rapid.method == "none" else f"{variant.label} {setting_label(record)}"
         traces[variant.label] = ImageTrace.from_output(output, grid, label)
         predicted = model.config.id2label[int(output.logits.argmax(-1))]
-        print(f"{label} ({variant.settings_source} settings): tokens per layer {list(output.token_counts)}, "
+        print(f"{label} ({SETTINGS_TEXT[variant.settings_source]}): tokens per layer {list(output.token_counts)}, "
               f"prediction {predicted!r}")
 
     image = denormalize(pixel_values[0], mean, std)

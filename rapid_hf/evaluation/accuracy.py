@@ -11,6 +11,9 @@ Record fields (stable; `rapid_hf.hub` model cards read them):
     r: the requested r (int, per-layer list or [r, inflection]); None when the row is set by an output-token target.
     output_tokens: tokens leaving the last layer, as the model reported (`out.token_counts[-1]`).
     token_counts: tokens after each layer. rapid: the full `RapidConfig.to_dict()` of the row.
+    input_tokens, removed_per_layer, capped_layers, capped: tokens entering the encoder, tokens each layer actually
+        removed, the layers that removed fewer than r asked (each removes at most half of its unprotected tokens),
+        and whether r asks for more than any layer can remove (`rapid_hf.evaluation.variants.schedule_fields`).
     top1, top5: accuracy in [0, 1] against the dataset labels (shipped `top_k_accuracy` evaluate module).
     agreement: fraction of images whose top-1 class equals the unreduced model's.
     kl: mean KL(unreduced || reduced) of the softmax outputs, in nats.
@@ -33,7 +36,7 @@ from tqdm.auto import tqdm
 from rapid_hf.evaluation.fidelity import kl_divergence
 from rapid_hf.evaluation.loading import autocast_for
 from rapid_hf.evaluation.metrics import load_metric
-from rapid_hf.evaluation.variants import REFERENCE, Variant
+from rapid_hf.evaluation.variants import REFERENCE, Variant, schedule_fields
 
 BOOTSTRAP_RESAMPLES = 10_000
 
@@ -43,7 +46,8 @@ class Predictions:
     """Per-image outputs of an evaluation run, in row order.
 
     index, labels: `(n,)`. ranks: `(n, 1 + V, k)` top-k class indices of the unreduced model then each variant.
-    kl: `(n, V)` KL(unreduced || variant). token_counts: per variant, tokens after each layer.
+    kl: `(n, V)` KL(unreduced || variant). token_counts: per variant, tokens after each layer. input_tokens: tokens
+    entering the encoder (the unreduced model's count), None if the model does not report token counts.
     """
 
     index: np.ndarray
@@ -51,6 +55,7 @@ class Predictions:
     ranks: np.ndarray
     kl: np.ndarray
     token_counts: list[tuple[int, ...]]
+    input_tokens: int | None = None
 
 
 def _check_labels(labels: torch.Tensor, num_labels: int) -> None:
@@ -84,6 +89,7 @@ def predict(
     num_labels = model.config.num_labels
     top_k = min(top_k, num_labels)
     token_counts: list[tuple[int, ...]] = [()] * len(variants)
+    input_tokens = None
     gathered: list[dict[str, torch.Tensor]] = []
     progress = tqdm(dataloader, desc="evaluate", disable=not accelerator.is_local_main_process)
     for batch in progress:
@@ -91,6 +97,8 @@ def predict(
         with autocast_for(accelerator.device, precision):
             unreduced = model(pixel_values=batch["pixel_values"], rapid=REFERENCE)
             reference = unreduced.logits.float()
+            if getattr(unreduced, "token_counts", None):
+                input_tokens = int(unreduced.token_counts[0])
             ranks, kls = [reference.topk(top_k, dim=-1).indices], []
             for position, variant in enumerate(variants):
                 output = unreduced  # "none" rows are the reference itself: never run twice
@@ -115,7 +123,7 @@ def predict(
     duplicated = merged["index"][1:][np.diff(merged["index"]) == 0]
     if duplicated.size:
         raise RuntimeError(f"rows {duplicated[:5].tolist()} were evaluated more than once (data sharding bug)")
-    return Predictions(token_counts=token_counts, **merged)
+    return Predictions(token_counts=token_counts, input_tokens=input_tokens, **merged)
 
 
 def paired_bootstrap_ci(
@@ -167,6 +175,7 @@ def summarize(predictions: Predictions, variants: Sequence[Variant], **context: 
                 "r": variant.requested_r,
                 "output_tokens": predictions.token_counts[position][-1],
                 "token_counts": list(predictions.token_counts[position]),
+                **schedule_fields(variant.rapid, predictions.input_tokens, predictions.token_counts[position]),
                 "rapid": variant.rapid.to_dict(),
                 "top1": accuracy["top1"],
                 "top5": accuracy.get("top5"),

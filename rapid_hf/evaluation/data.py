@@ -44,8 +44,8 @@ class DataSpec:
     def __post_init__(self) -> None:
         if (self.dataset is None) == (self.data_dir is None):
             raise ValueError("give exactly one of a dataset id (--dataset) and an imagefolder directory (--data-dir)")
-        if self.data_dir is not None and not Path(self.data_dir).is_dir():
-            raise ValueError(f"data directory {self.data_dir!r} does not exist")
+        if self.data_dir is not None:
+            check_image_folder(self.data_dir)
         if self.subset not in SUBSETS:
             raise ValueError(f"subset {self.subset!r} is invalid: choose from {', '.join(SUBSETS)}")
         if self.max_samples is not None and self.max_samples < 1:
@@ -60,18 +60,59 @@ class DataSpec:
         return self.dataset if self.dataset is not None else str(self.data_dir)
 
 
+METADATA_FILES = ("metadata.csv", "metadata.jsonl", "metadata.parquet")
+
+
+def check_image_folder(data_dir: str | Path) -> None:
+    """An `imagefolder` directory must exist and hold its labels: `metadata.csv` (file_name,label) beside the images,
+    or in its split subfolders (train/, validation/). ValueError naming what is missing."""
+    folder = Path(data_dir).expanduser()
+    if not folder.is_dir():
+        raise ValueError(f"--data-dir {str(data_dir)!r} is not a directory")
+    places = [folder, *(child for child in folder.iterdir() if child.is_dir())]
+    if not any((place / name).is_file() for place in places for name in METADATA_FILES):
+        raise ValueError(f"--data-dir {str(data_dir)!r} has no metadata.csv: the labels come from a metadata.csv "
+                         "beside the images, with a file_name,label row per image (label: the model's class index)")
+
+
+class UnreadableImageError(ValueError):
+    """An image file that cannot be decoded (truncated, corrupt, not an image); the message names the file."""
+
+
+def _image_path(dataset: Any, row: int, column: str) -> str:
+    """The file behind row `row`'s image, read without decoding it."""
+    import datasets
+
+    try:
+        value = dataset.cast_column(column, datasets.Image(decode=False))[row][column]
+    except Exception:  # not an Image column, or no path: say what is known
+        return f"row {row}"
+    return str(value.get("path") or f"row {row}") if isinstance(value, dict) else f"row {row}"
+
+
 class IndexedRows(Dataset):
     """Selected rows of a map-style `datasets.Dataset`, each returned with its row index under "index"."""
 
-    def __init__(self, dataset: Any, rows: list[int]) -> None:
-        self.dataset, self.rows = dataset, rows
+    def __init__(self, dataset: Any, rows: list[int], image_column: str = "image") -> None:
+        self.dataset, self.rows, self.image_column = dataset, rows, image_column
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, position: int) -> dict[str, Any]:
         row = self.rows[position]
-        return {**self.dataset[row], "index": row}
+        try:
+            example = self.dataset[row]
+            image = example.get(self.image_column)
+            if hasattr(image, "load"):
+                image.load()  # decode now, where the file is known (PIL opens lazily)
+        except (OSError, SyntaxError, ValueError) as error:  # PIL: truncated or corrupt files, unknown formats
+            raise UnreadableImageError(
+                f"image {_image_path(self.dataset, row, self.image_column)} cannot be read "
+                f"({str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}): "
+                "replace or remove it"
+            ) from None
+        return {**example, "index": row}
 
 
 class StreamedRows(IterableDataset):
@@ -99,8 +140,8 @@ def _check_columns(columns: list[str] | None, spec: DataSpec) -> None:
     missing = [c for c in (spec.image_column, spec.label_column) if c not in columns]
     if missing:
         raise ValueError(
-            f"dataset {spec.name!r} has no column(s) {missing} (columns: {columns}); "
-            "pass --image-column / --label-column"
+            f"dataset {spec.name!r} has no column(s) {missing} (columns: {columns}); name the image and label "
+            "columns with --image-column / --label-column"
         )
 
 
@@ -122,7 +163,7 @@ def load_rows(spec: DataSpec) -> IndexedRows | StreamedRows:
     rows = subset_indices(len(dataset), spec.subset)[: spec.max_samples]
     if not rows:
         raise ValueError(f"dataset {spec.name!r} split {spec.resolved_split!r} subset {spec.subset!r} has no rows")
-    return IndexedRows(dataset, rows)
+    return IndexedRows(dataset, rows, spec.image_column)
 
 
 class ImageBatchCollator:

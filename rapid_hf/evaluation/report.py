@@ -65,6 +65,14 @@ def setting(record: dict[str, Any]) -> str:
     return f"r={json.dumps(record['r']).replace(' ', '')}"
 
 
+def setting_label(record: dict[str, Any]) -> str:
+    """`setting`, followed by what each layer actually removed when the row could not remove r tokens per layer
+    (`capped` records): `r=1000 (capped: 32,16,8,4)`."""
+    if not record.get("capped"):
+        return setting(record)
+    return f"{setting(record)} (capped: {','.join(map(str, record['removed_per_layer']))})"
+
+
 def _percent(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{100 * value:.{digits}f}"
 
@@ -78,7 +86,7 @@ def _delta(record: dict[str, Any]) -> str:
 
 ACCURACY_COLUMNS: list[Column] = [
     ("method", lambda r: r["label"]),
-    ("setting", setting),
+    ("setting", setting_label),
     ("out tokens", lambda r: str(r["output_tokens"])),
     ("top-1 %", lambda r: _percent(r["top1"])),
     ("top-5 %", lambda r: _percent(r["top5"])),
@@ -90,7 +98,7 @@ ACCURACY_COLUMNS: list[Column] = [
 
 BENCHMARK_COLUMNS: list[Column] = [
     ("method", lambda r: r["label"]),
-    ("setting", setting),
+    ("setting", setting_label),
     ("out tokens", lambda r: str(r["output_tokens"])),
     ("img/s", lambda r: f"{r['throughput']:.1f}"),
     ("speedup", lambda r: f"{r['speedup']:.3f}"),

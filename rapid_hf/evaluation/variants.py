@@ -11,6 +11,7 @@ line changed (`overrides`), so a record never silently reports paper defaults fo
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -170,12 +171,97 @@ def grid_variants(
     return variants
 
 
+def removed_per_layer(input_tokens: int, token_counts: Sequence[int]) -> list[int]:
+    """Tokens each layer actually removed, from the tokens entering the encoder and those left after each layer."""
+    counts = [int(input_tokens), *(int(count) for count in token_counts)]
+    return [before - after for before, after in itertools.pairwise(counts)]
+
+
+def _simulated_counts(input_tokens: int, requested: Sequence[int], protected: int) -> list[int]:
+    """Tokens after each layer under the cap every method follows: `N_l = N_{l-1} - min(r_l, (N_{l-1} - p) // 2)`."""
+    counts, tokens = [], input_tokens
+    for asked in requested:
+        tokens -= min(asked, max(0, (tokens - protected) // 2))
+        counts.append(tokens)
+    return counts
+
+
+def removal_limit(input_tokens: int, requested: Sequence[int], token_counts: Sequence[int]) -> int:
+    """The most tokens one layer can remove, `(N - protected) // 2`, with the protected count (CLS, distillation,
+    registers) read off the counts the model reported (the smallest count consistent with them)."""
+    for protected in range(input_tokens):
+        if _simulated_counts(input_tokens, requested, protected) == list(token_counts):
+            return (input_tokens - protected) // 2
+    return input_tokens // 2
+
+
+def schedule_fields(rapid: RapidConfig | Mapping[str, Any], input_tokens: int | None,
+                    token_counts: Sequence[int]) -> dict[str, Any]:
+    """The record fields saying what a row actually removed.
+
+    input_tokens: tokens entering the encoder. removed_per_layer: tokens each layer removed. capped_layers: the
+    layers that removed fewer than `r` asked, because a layer removes at most half of its unprotected tokens (ToMe's
+    convention: r=16 on a 197-token ViT-B/DeiT is capped in its last layer, leaving 11 tokens). capped: whether `r`
+    asks for more than any layer can remove (e.g. `--r 1000`), the case a row's `r` says nothing about what ran;
+    tables then print the removed tokens beside it. Empty when the input token count is unknown.
+    """
+    from rapid_hf.reduction.schedule import expand_schedule
+
+    if input_tokens is None or not token_counts:
+        return {}
+    rapid = rapid if isinstance(rapid, RapidConfig) else RapidConfig.from_dict(rapid)
+    removed = removed_per_layer(input_tokens, token_counts)
+    requested = removed
+    if rapid.method != "none" and rapid.output_tokens is None:
+        try:
+            requested = expand_schedule(rapid.r, len(removed))
+        except ValueError:  # a per-layer list for another depth: the model refused it before any record
+            requested = removed
+    short = [layer for layer, (done, asked) in enumerate(zip(removed, requested, strict=True)) if done < asked]
+    limit = removal_limit(input_tokens, requested, token_counts) if short else None
+    return {"input_tokens": int(input_tokens), "removed_per_layer": removed, "capped_layers": short,
+            "capped": limit is not None and max(requested) > limit}
+
+
+def _input_tokens(records: Sequence[Mapping[str, Any]]) -> int | None:
+    """The tokens entering the encoder, from a record that knows it or the unreduced row's token counts."""
+    for record in records:
+        if record.get("input_tokens") is not None:
+            return int(record["input_tokens"])
+    for record in records:
+        if record.get("method") == "none" and record.get("token_counts"):
+            return int(record["token_counts"][0])
+    return None
+
+
 def annotate_records(records: Sequence[dict[str, Any]], variants: Sequence[Variant]) -> list[dict[str, Any]]:
-    """Records with each row's `settings_source` and `overrides` added (matched by label and settings)."""
+    """Records with each row's `settings_source` and `overrides` added (matched by label and settings), and what
+    each row actually removed (`schedule_fields`, when the records hold the unreduced row or the input count)."""
     by_row = {(v.label, json.dumps(v.rapid.to_dict(), sort_keys=True)): v for v in variants}
+    input_tokens = _input_tokens(records)
     annotated = []
     for record in records:
         variant = by_row.get((record.get("label"), json.dumps(record.get("rapid"), sort_keys=True)))
         provenance = variant.provenance if variant is not None else Variant("none", REFERENCE).provenance
-        annotated.append({**record, **provenance})
+        schedule = {} if "removed_per_layer" in record or record.get("rapid") is None else \
+            schedule_fields(record["rapid"], input_tokens, record.get("token_counts") or [])
+        annotated.append({**record, **schedule, **provenance})
     return annotated
+
+
+def capped_notes(records: Sequence[Mapping[str, Any]]) -> list[str]:
+    """One line per reduction amount some row could not reach (`capped` records): what it removed instead."""
+    notes: dict[tuple[str, tuple[int, ...], int], list[str]] = {}
+    for record in records:
+        if record.get("capped"):
+            key = (json.dumps(record["r"]).replace(" ", ""), tuple(record["removed_per_layer"]),
+                   int(record["token_counts"][-1]))
+            label = str(record.get("label", record["method"]))
+            if label not in notes.setdefault(key, []):
+                notes[key].append(label)
+    return [
+        f"warning: r={amount} asks for more tokens than the layers can remove (each removes at most half of its "
+        f"unprotected tokens): {', '.join(labels)} removed {','.join(map(str, removed))} per layer, leaving {left} "
+        "token(s); the records say so (removed_per_layer, capped)"
+        for (amount, removed, left), labels in notes.items()
+    ]

@@ -9,7 +9,7 @@ this package, `rapid_hf.hub.remote_code`), the image processor config, the measu
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +51,10 @@ def default_base_model(model_id: str | Path) -> str:
     return check_repo_id(str(model_id), "model id")
 
 
-def _prepare_folder(folder: Path, card_only: bool) -> None:
-    """Create `folder`; refuse one holding files this build would not write (they would be uploaded too)."""
+def check_folder(folder: str | Path, card_only: bool = False) -> None:
+    """Refuse an output folder that is a file, or that holds files this build would not write (they would be
+    uploaded too)."""
+    folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"output folder {folder} is a file")
     existing = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
@@ -60,6 +62,11 @@ def _prepare_folder(folder: Path, card_only: bool) -> None:
     if stale:
         raise ValueError(f"output folder {folder} already holds {stale}: pick a new or empty folder so no stale "
                          "file ends up in the repository")
+
+
+def _prepare_folder(folder: Path, card_only: bool) -> None:
+    """Create `folder` after `check_folder`."""
+    check_folder(folder, card_only)
     folder.mkdir(parents=True, exist_ok=True)
 
 
@@ -81,17 +88,22 @@ def build_repo_folder(
     info: CardInfo,
     results_paths: Sequence[str | Path] = (),
     card_only: bool = False,
+    image_processor: Any = None,
+    benchmark_cell: Mapping[str, Any] | None = None,
 ) -> list[str]:
     """Write the repository folder of `model_id` reduced with `info.rapid`; returns the file names in it.
 
     Every input (repo ids, results files, model type) is checked before any weight is loaded. With `card_only`
-    only the model card and `eval_results.json` are written (how `model_cards/` is generated).
+    only the model card and `eval_results.json` are written (how `model_cards/` is generated). `image_processor`
+    is the processor to ship (default: the one saved with `model_id`); `benchmark_cell` picks the benchmark record
+    of a file measured at several batch sizes / thread counts (`rapid_hf.hub.results.select_results`).
     """
     check_repo_id(info.repo_id)
     if info.base_model is None:
         raise ValueError("the card needs a base_model (the Hub id of the checkpoint the weights come from)")
     check_repo_id(info.base_model, "base model")
-    results = load_results(results_paths, str(model_id), info.rapid) if results_paths else MeasuredResults()
+    results = load_results(results_paths, str(model_id), info.rapid, benchmark_cell) if results_paths \
+        else MeasuredResults()
     model_class = rapid_class_for(str(model_id))
     card = build_model_card(info, results)
     folder = Path(folder)
@@ -101,10 +113,11 @@ def build_repo_folder(
         model.config.auto_map = auto_map(model_class, type(model.config))
         model.save_pretrained(folder, safe_serialization=True)
         try:
-            AutoImageProcessor.from_pretrained(str(model_id)).save_pretrained(folder)
+            (image_processor or AutoImageProcessor.from_pretrained(str(model_id))).save_pretrained(folder)
         except (OSError, ValueError) as error:
             raise ValueError(f"model {str(model_id)!r} has no usable image processor config "
-                             f"(preprocessor_config.json), which pipeline() needs: {error}") from error
+                             f"(preprocessor_config.json), which pipeline() needs: save it beside the model or pass "
+                             f"--processor ID_OR_PATH ({str(error).strip().splitlines()[0]})") from error
         if "AutoModelForZeroShotImageClassification" in model.config.auto_map:  # CLIP: the pipeline needs text
             AutoTokenizer.from_pretrained(str(model_id)).save_pretrained(folder)
         write_remote_code(folder, modules_for(model_class))
@@ -156,6 +169,7 @@ def upload_folder(folder: str | Path, repo_id: str, token: str, private: bool = 
 __all__ = [
     "HubAccessError",
     "build_repo_folder",
+    "check_folder",
     "check_repo_id",
     "default_base_model",
     "require_login",

@@ -129,8 +129,33 @@ def _settings_differ(record: Mapping[str, Any], rapid: RapidConfig) -> list[str]
             if recorded[key] != expected[key]]
 
 
-def _only(records: list[dict[str, Any]], kind: str, results: ResultsFile, setting: str) -> dict[str, Any] | None:
+CELL_KEYS = ("batch_size", "num_threads")
+"""What tells apart the benchmark records of one setting in a file measured at several batch sizes / threads."""
+CELL_FLAGS = {"batch_size": "--benchmark-batch-size", "num_threads": "--benchmark-threads"}
+
+
+def _cell(record: Mapping[str, Any]) -> tuple[Any, ...]:
+    return tuple(record.get(key) for key in CELL_KEYS)
+
+
+def _in_cell(record: Mapping[str, Any], cell: Mapping[str, Any] | None) -> bool:
+    return all(record.get(key) == value for key, value in (cell or {}).items() if value is not None)
+
+
+def _only(records: list[dict[str, Any]], kind: str, results: ResultsFile, setting: str,
+          cell: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
     chosen = [record for record in records if _record_kind(record) == kind]
+    if kind == "benchmark" and chosen:
+        in_cell = [record for record in chosen if _in_cell(record, cell)]
+        if not in_cell:
+            wanted = ", ".join(f"{key}={value}" for key, value in (cell or {}).items() if value is not None)
+            raise ValueError(f"{results.path} has no benchmark record for {setting} at {wanted} (measured: "
+                             f"{_cells_text(chosen)})")
+        chosen = in_cell
+        if len({_cell(record) for record in chosen}) > 1:
+            varying = [key for key in CELL_KEYS if len({record.get(key) for record in chosen}) > 1]
+            raise ValueError(f"{results.path} has {setting} benchmark records at {_cells_text(chosen)}: pass "
+                             f"{' and '.join(CELL_FLAGS[key] for key in varying)} to choose the one the card quotes")
     if len(chosen) > 1:
         labels = [record.get("label", record.get("method")) for record in chosen]
         raise ValueError(f"{results.path} has {len(chosen)} {kind} records for {setting} ({labels}); "
@@ -138,11 +163,26 @@ def _only(records: list[dict[str, Any]], kind: str, results: ResultsFile, settin
     return chosen[0] if chosen else None
 
 
-def select_results(files: Sequence[ResultsFile], model: str, rapid: RapidConfig) -> MeasuredResults:
+def _cells_text(records: Sequence[Mapping[str, Any]]) -> str:
+    """`batch_size 1, 4 and 16; num_threads 1 and 2`: the values the records were measured at."""
+    parts = []
+    for key in CELL_KEYS:
+        values = {record.get(key) for record in records}
+        text = [str(value) for value in sorted(values, key=lambda v: (not isinstance(v, int), v if isinstance(v, int)
+                                                                        else str(v)))]
+        parts.append(f"{key} {', '.join(text[:-1]) + ' and ' + text[-1] if len(text) > 1 else text[0]}")
+    return "; ".join(parts)
+
+
+def select_results(files: Sequence[ResultsFile], model: str, rapid: RapidConfig,
+                   benchmark_cell: Mapping[str, Any] | None = None) -> MeasuredResults:
     """The evaluation / benchmark records of `model` with exactly the settings `rapid`, one of each at most.
 
-    Raises ValueError naming the file when a file has no record for this method and r, was measured on another
-    model, only has records for other settings, or has several candidates of one kind.
+    A benchmark file measured at several batch sizes or thread counts (`rapid-hf benchmark --batch-size 1,4,16
+    --threads 1,2`) gives one record per cell: `benchmark_cell` (`{"batch_size": 4, "num_threads": 2}`, either may
+    be None) picks the one the card quotes. Raises ValueError naming the file when a file has no record for this
+    method and r, was measured on another model, only has records for other settings, or has several candidates
+    of one kind (for a benchmark: several cells and no `benchmark_cell` choosing one).
     """
     setting = setting_text(rapid)
     chosen: dict[str, dict[str, Any]] = {}
@@ -164,7 +204,7 @@ def select_results(files: Sequence[ResultsFile], model: str, rapid: RapidConfig)
             raise ValueError(f"{results.path}: the {setting} records have neither 'top1' (evaluation) nor "
                              "'speedup' (benchmark)")
         for kind, required in (("evaluation", EVALUATION_KEYS), ("benchmark", BENCHMARK_KEYS)):
-            record = _only(matching, kind, results, setting)
+            record = _only(matching, kind, results, setting, benchmark_cell)
             if record is None:
                 continue
             missing = [key for key in required if record.get(key) is None]
@@ -176,14 +216,17 @@ def select_results(files: Sequence[ResultsFile], model: str, rapid: RapidConfig)
         for kind in ("benchmark", "evaluation"):  # the evaluation's fields win where both have one
             unreduced = [rec for rec in results.records if rec["method"] == "none" and _record_kind(rec) == kind
                          and same_model(str(rec["model"]), model)]
+            if kind == "benchmark" and len(unreduced) > 1 and "benchmark" in chosen:  # the same cell's baseline
+                unreduced = [rec for rec in unreduced if _cell(rec) == _cell(chosen["benchmark"])]
             if len(unreduced) == 1 and rapid.method != "none":
                 reference = {**(reference or {}), **unreduced[0]}
     return MeasuredResults(chosen.get("evaluation"), chosen.get("benchmark"), reference, tuple(files))
 
 
-def load_results(paths: Sequence[str | Path], model: str, rapid: RapidConfig) -> MeasuredResults:
+def load_results(paths: Sequence[str | Path], model: str, rapid: RapidConfig,
+                 benchmark_cell: Mapping[str, Any] | None = None) -> MeasuredResults:
     """`read_results_file` on each path, then `select_results`."""
-    return select_results([read_results_file(path) for path in paths], model, rapid)
+    return select_results([read_results_file(path) for path in paths], model, rapid, benchmark_cell)
 
 
 __all__ = [
