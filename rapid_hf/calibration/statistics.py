@@ -10,8 +10,8 @@ method uses) and the CLS attention row:
 The auto rule (`auto_switch_layer`): prune while most patch tokens are still distinct, merge from the first
 layer in which at least `min_redundant_fraction` of them have a near-duplicate. Averaging two distinct
 low-level tokens distorts both, while averaging near-duplicates loses almost nothing; where few tokens have a
-near-duplicate, dropping the most redundant ones distorts less. `scripts/switch_layer_study.py` compares the
-rule with the switch layer that minimises the divergence on the calibration images.
+near-duplicate, dropping the most redundant ones distorts less. `experiments/switch_layer/switch_layer_study.py`
+compares the rule with the switch layer that minimises the divergence on the calibration images.
 """
 
 from __future__ import annotations

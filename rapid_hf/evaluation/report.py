@@ -27,7 +27,7 @@ def run_info() -> dict[str, Any]:
 
 
 def command_line(argv: Sequence[str] | None = None) -> str:
-    """The command that is running, as a user would type it (`python scripts/x.py --flag value`)."""
+    """The command that is running, as a user would type it (`python experiments/x/study.py --flag value`)."""
     return "python " + " ".join(shlex.quote(part) for part in (sys.argv if argv is None else argv))
 
 
