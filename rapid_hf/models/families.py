@@ -13,6 +13,7 @@ FAMILY_MODULES: tuple[str, ...] = (
     "rapid_hf.models.modeling_rapid_dinov2",
     "rapid_hf.models.modeling_rapid_clip",
     "rapid_hf.models.modeling_rapid_siglip",
+    "rapid_hf.models.modeling_rapid_dinov3",
 )
 """One modeling module per family, each defining `FAMILY`; families never import each other."""
 
