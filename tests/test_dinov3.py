@@ -114,7 +114,7 @@ def test_layers_and_attention_mirror_the_stock_modules(attention):
             layer_reduction = LayerReduction(num_protected=PREFIX)
             assert torch.equal(rapid(hidden, reduction=layer_reduction, position_embeddings=per_image), expected)
             assert layer_reduction.plan is None
-            probe_keys, probe_query = rapid.keys_and_query(hidden)  # the layer's own (normed input, rotated)
+            probe_keys, probe_query = rapid.keys_and_query(hidden, position_embeddings=per_image)  # normed, rotated
             assert torch.equal(probe_keys, layer_reduction.keys) and torch.equal(probe_query, layer_reduction.query)
             expected_output, expected_weights = stock.attention(hidden, bias, (cos, sin))
             got_output, got_weights = rapid.attention(hidden, bias, per_image, reduction=reduction)

@@ -28,7 +28,7 @@ def test_hooks_written_for_the_stock_outputs_work_after_conversion(settings):
         detached.append(output.detach().shape[1])
 
     def attention_hook(module, args, output):
-        attended, weights = output
+        attended, _weights = output
         unpacked.append(attended.shape[1])
 
     for layer in model.vit.layers:

@@ -81,7 +81,8 @@ def layer_statistics(
         hidden_states = model(pixel_values=batch, rapid=RapidConfig(method="none"), output_hidden_states=True)
         batch_fractions, batch_entropies = [], []
         for layer, hidden in zip(layers, hidden_states.hidden_states[:-1], strict=True):
-            keys, query = layer.keys_and_query(hidden)  # the keys and query the layer computes
+            arguments = backbone.layer_arguments(backbone.carried_tokens(batch, hidden))  # e.g. rotary positions
+            keys, query = layer.keys_and_query(hidden, **arguments)  # the keys and query the layer computes
             scores = bipartite_similarity(matching_metric(keys), num_protected)
             batch_fractions.append(redundant_fraction(scores, prune_threshold))
             importance = attention_importance(backbone.importance_queries(query), keys, layer.attention_scaling, None)

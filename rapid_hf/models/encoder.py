@@ -205,9 +205,9 @@ class ReducedBackboneMixin(RapidSettingsMixin):
         """The token sequence entering the first layer."""
         raise NotImplementedError(f"{type(self).__name__} must implement embed")
 
-    def finish(self, hidden_states: Tensor, sizes: Tensor) -> tuple[Tensor, Tensor | None]:
+    def finish(self, hidden_states: Tensor, sizes: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """`(last_hidden_state, pooler_output)` from the last layer's output and its token sizes `(B, N, 1)`
-        (a pooling head weighs merged tokens by them)."""
+        (a pooling head weighs merged tokens by them; None while no token has merged)."""
         raise NotImplementedError(f"{type(self).__name__} must implement finish")
 
     def importance_queries(self, query: Tensor) -> Tensor:
@@ -304,9 +304,9 @@ class ReducedBackboneMixin(RapidSettingsMixin):
                 layer_sources.append(sources_from_assignment(assignment, hidden.shape[1]))
             counts.append(hidden.shape[1])
 
+        last_hidden_state, pooler_output = self.finish(hidden, sizes)
         if sizes is None:
             sizes = hidden.new_ones(*hidden.shape[:2], 1, dtype=torch.float32)
-        last_hidden_state, pooler_output = self.finish(hidden, sizes)
         return RapidModelOutput(
             last_hidden_state=last_hidden_state,
             pooler_output=pooler_output,

@@ -185,10 +185,11 @@ class ReducingLayerMixin:
         hidden_states = reduction.reduce(hidden_states, self.attention_scaling, bias)
         return self.mlp_residual(hidden_states)
 
-    def keys_and_query(self, hidden_states: Tensor) -> tuple[Tensor, Tensor]:
-        """The keys and query `(B, heads, N, d)` this layer's attention computes on `hidden_states` (no reduction)."""
+    def keys_and_query(self, hidden_states: Tensor, **layer_arguments: Any) -> tuple[Tensor, Tensor]:
+        """The keys and query `(B, heads, N, d)` this layer's attention computes on `hidden_states` (no reduction);
+        `layer_arguments`: what the backbone hands this layer besides the hidden states (its `layer_arguments`)."""
         probe = LayerReduction()
-        self.attention_residual(hidden_states, None, reduction=probe)
+        self.attention_residual(hidden_states, None, reduction=probe, **layer_arguments)
         return probe.keys, probe.query
 
 

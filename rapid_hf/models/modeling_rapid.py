@@ -124,7 +124,7 @@ class _ViTStyleBackboneMixin(ReducedBackboneMixin):
             pixel_values, bool_masked_pos=bool_masked_pos, interpolate_pos_encoding=interpolate_pos_encoding
         )
 
-    def finish(self, hidden_states: Tensor, sizes: Tensor) -> tuple[Tensor, Tensor | None]:
+    def finish(self, hidden_states: Tensor, sizes: Tensor | None) -> tuple[Tensor, Tensor | None]:
         sequence_output = self.layernorm(hidden_states)
         return sequence_output, self.pooler(sequence_output) if self.pooler is not None else None
 

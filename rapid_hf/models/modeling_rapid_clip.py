@@ -143,7 +143,7 @@ class RapidCLIPVisionModel(ReducedBackboneMixin, CLIPVisionModel):
         embeddings = self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
         return self.pre_layrnorm(embeddings)
 
-    def finish(self, hidden_states: Tensor, sizes: Tensor) -> tuple[Tensor, Tensor | None]:
+    def finish(self, hidden_states: Tensor, sizes: Tensor | None) -> tuple[Tensor, Tensor | None]:
         return hidden_states, self.post_layernorm(hidden_states[:, 0, :])
 
 

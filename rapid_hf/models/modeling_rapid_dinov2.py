@@ -134,7 +134,7 @@ class _Dinov2BackboneMixin(ReducedBackboneMixin):
     def embed(self, pixel_values: Tensor, bool_masked_pos: Tensor | None, interpolate_pos_encoding: bool) -> Tensor:
         return self.embeddings(pixel_values, bool_masked_pos=bool_masked_pos)
 
-    def finish(self, hidden_states: Tensor, sizes: Tensor) -> tuple[Tensor, Tensor | None]:
+    def finish(self, hidden_states: Tensor, sizes: Tensor | None) -> tuple[Tensor, Tensor | None]:
         sequence_output = self.layernorm(hidden_states)
         return sequence_output, sequence_output[:, 0, :]
 

@@ -34,7 +34,6 @@ from transformers.models.dinov3_vit.modeling_dinov3_vit import (
     DINOv3ViTAttention,
     DINOv3ViTBackboneOutput,
     DINOv3ViTLayer,
-    DINOv3ViTRopePositionEmbedding,
     apply_rotary_pos_emb,
 )
 from transformers.models.dinov3_vit.modeling_dinov3_vit import eager_attention_forward as dinov3_eager_attention
@@ -137,27 +136,6 @@ class RapidDINOv3ViTLayer(ReducingLayerMixin, DINOv3ViTLayer):
     def mlp_residual(self, hidden_states: Tensor) -> Tensor:
         return self.drop_path(self.layer_scale2(self.mlp(self.norm2(hidden_states)))) + hidden_states
 
-    def keys_and_query(self, hidden_states: Tensor) -> tuple[Tensor, Tensor]:
-        """The post-rotary keys and query `(B, heads, N, d)` of unreduced `hidden_states` (every patch of the grid,
-        after CLS and registers): the grid is the checkpoint's when its patch count matches, else square."""
-        config = self.attention.config
-        patch, image = as_pair(config.patch_size), as_pair(config.image_size)
-        num_patches = hidden_states.shape[1] - 1 - config.num_register_tokens
-        grid = (image[0] // patch[0], image[1] // patch[1])
-        if grid[0] * grid[1] != num_patches:
-            side = round(num_patches**0.5)
-            if side * side != num_patches:
-                raise ValueError(
-                    f"keys_and_query cannot tell the patch grid of {num_patches} patches: pass the hidden states "
-                    f"of a square image or of the checkpoint's {image[0]}x{image[1]} px"
-                )
-            grid = (side, side)
-        pixels = hidden_states.new_zeros(()).expand(1, 1, grid[0] * patch[0], grid[1] * patch[1])
-        rotary = DINOv3ViTRopePositionEmbedding(config).to(hidden_states.device).eval()
-        probe = LayerReduction()
-        self.attention_residual(hidden_states, None, reduction=probe, position_embeddings=rotary(pixels))
-        return probe.keys, probe.query
-
 
 MODULE_CLASSES: dict[type, type] = {DINOv3ViTAttention: RapidDINOv3ViTAttention, DINOv3ViTLayer: RapidDINOv3ViTLayer}
 """Stock module class -> its Rapid subclass, for this family's layers and attention modules."""
@@ -198,7 +176,7 @@ class _DINOv3BackboneMixin(ReducedBackboneMixin):
         cos, sin = rotary.chunk(2, dim=-1)
         return {"position_embeddings": (cos, sin)}
 
-    def finish(self, hidden_states: Tensor, sizes: Tensor) -> tuple[Tensor, Tensor | None]:
+    def finish(self, hidden_states: Tensor, sizes: Tensor | None) -> tuple[Tensor, Tensor | None]:
         sequence_output = self.norm(hidden_states)
         return sequence_output, sequence_output[:, 0, :]
 

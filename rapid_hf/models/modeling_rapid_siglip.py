@@ -147,17 +147,6 @@ MODULE_CLASSES: dict[type, type] = {
 """Stock module class -> its Rapid subclass, for the vision tower's layers, attention and pooling head."""
 
 
-def merged_sizes(sizes: Tensor) -> Tensor | None:
-    """`sizes` if some token stands for several patches, else None (the pooling head then runs the stock call).
-
-    The test reads the sizes (one device sync). Under `torch.compile`/`torch.export` and tracing the sizes are
-    always passed: the bias is then `log(1) = 0` where nothing merged, the same values up to float rounding.
-    """
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
-        return sizes
-    return None if bool(sizes.eq(1).all()) else sizes
-
-
 @dataclass
 class RapidSiglipOutput(ReductionFields, SiglipOutput):
     """`SiglipOutput` plus the `ReductionFields` of the vision tower."""
@@ -192,9 +181,9 @@ class RapidSiglipVisionModel(ReducedBackboneMixin, SiglipVisionModel):
         """Every query row: with no CLS token, a token's importance is the attention it receives from all tokens."""
         return query
 
-    def finish(self, hidden_states: Tensor, sizes: Tensor) -> tuple[Tensor, Tensor | None]:
+    def finish(self, hidden_states: Tensor, sizes: Tensor | None) -> tuple[Tensor, Tensor | None]:
         last_hidden_state = self.post_layernorm(hidden_states)
-        pooler_output = self.head(last_hidden_state, merged_sizes(sizes)) if self.use_head else None
+        pooler_output = self.head(last_hidden_state, sizes) if self.use_head else None
         return last_hidden_state, pooler_output
 
 
