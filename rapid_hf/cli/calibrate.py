@@ -55,6 +55,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     amount = parser.add_mutually_exclusive_group(required=True)
     amount.add_argument("--r", type=common.non_negative_int, help="tokens removed per layer")
     amount.add_argument("--output-tokens", type=common.positive_int, help="tokens leaving the last layer")
+    amount.add_argument("--speedup", type=speedup_arg,
+                        help="instead of r: the speed-up over the unreduced model to reach on this machine (e.g. 1.6); "
+                        "searches where and how much to reduce with the knobs, then measures it")
+    amount.add_argument("--latency-ms", type=latency_arg,
+                        help="instead of r: the time per forward to reach on this machine (ms, at --speed-batch-size)")
     parser.add_argument("--switch-layer", type=switch_layer_arg, default=AUTO,
                         help="starting K: 'auto' (token-statistics rule) or an int")
     parser.add_argument("--search", type=common.comma_list(str, "knob names"),
@@ -68,6 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=common.positive_int, default=50, help="images per forward pass")
     parser.add_argument("--output", "--output-dir", dest="output", required=True,
                         help="folder for the calibrated model and calibration.json, e.g. ./calibrated")
+    add_speed_arguments(parser)
 
 
 def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -89,6 +95,7 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         )
     except ValueError as error:
         parser.error(str(error))
+    check_speed(args, parser)
     args.image_processor = common.load_processor(args, parser)
 
 
@@ -121,6 +128,8 @@ def run(args: argparse.Namespace) -> None:
     rows = calibration_rows(args)  # before the model: a too-small folder is found at once
     model = load_rapid_model(args.model)
     pixel_values, rows = load_calibration_images(processor, rows=rows, num_workers=args.num_workers)
+    if args.speedup is not None or args.latency_ms is not None:
+        return run_speed(args, model, pixel_values, rows, processor)
     result = calibrate(model, pixel_values, rapid=args.rapid, searched=args.search, max_rounds=args.max_rounds,
                        batch_size=args.batch_size, objective=args.objective)
     context = {"model": args.model, "data": args.data_dir or args.dataset, "data_source": common.data_source(args),
@@ -131,3 +140,99 @@ def run(args: argparse.Namespace) -> None:
                        "top1_nll": result.fidelity.top1_nll, "start_kl": result.start_fidelity.kl,
                        "trials": len(result.trials), "seconds": round(result.seconds, 1)})
     print(f"wrote {args.output} (config.json with the chosen values, calibration.json with the search log)")
+
+
+# --- calibrating to a speed target (--speedup / --latency-ms) -------------------------------------------------
+
+SPEED_FLAGS = ("speed_batch_size", "threads", "runtime", "timer", "speed_rounds")
+
+
+def speedup_arg(text: str) -> float:
+    """A speed-up > 1 (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a speed-up > 1, e.g. 1.6, got {text!r}") from None
+    if not value > 1.0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a speed-up > 1, e.g. 1.6, got {text!r}")
+    return value
+
+
+def latency_arg(text: str) -> float:
+    """A time in ms > 0 (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a time in ms > 0, got {text!r}") from None
+    if not value > 0.0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a time in ms > 0, got {text!r}")
+    return value
+
+
+def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
+    speed = parser.add_argument_group("with --speedup or --latency-ms (how speed is measured)")
+    speed.add_argument("--speed-batch-size", type=common.positive_int,
+                       help="images per forward when timing (default: 1)")
+    speed.add_argument("--threads", type=common.positive_int,
+                       help="torch threads when timing (default: torch's); 1 on a busy shared CPU")
+    speed.add_argument("--runtime", choices=["eager", "compile", "onnx"],
+                       help="runtime the speed is for (default: eager; the cost model measures eager only so far)")
+    speed.add_argument("--timer", choices=["wall", "process"],
+                       help="wall clock (default), or this process's CPU time ('process', busy machines, 1 thread)")
+    speed.add_argument("--speed-rounds", type=common.positive_int,
+                       help="interleaved timing rounds of the cost model and of the final check (default: 15)")
+
+
+def check_speed(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Speed flags only with a speed target; defaults filled in; runtimes the cost model cannot measure refused."""
+    given = [f"--{name.replace('_', '-')}" for name in SPEED_FLAGS if getattr(args, name, None) is not None]
+    if args.speedup is None and args.latency_ms is None:
+        if given:
+            parser.error(f"{', '.join(given)} only apply with --speedup or --latency-ms")
+        return
+    if args.runtime not in (None, "eager"):
+        parser.error(f"--runtime {args.runtime}: the cost model measures the eager runtime only so far")
+    defaults = {"speed_batch_size": 1, "runtime": "eager", "timer": "wall", "speed_rounds": 15}
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+
+
+def run_speed(args: argparse.Namespace, model: Any, pixel_values: Any, rows: list[int], processor: Any) -> None:
+    """Measure the cost model, search for the target, measure the chosen config, save it with the speed record."""
+    from rapid_hf.calibration import save_calibrated
+    from rapid_hf.calibration.speed import (
+        SPEED_METADATA_KEY,
+        measure_speedup,
+        miss_message,
+        speed_calibrate,
+        speed_metadata,
+        target_from_latency,
+    )
+    from rapid_hf.evaluation.latency_model import measure_latency_model, method_step_kinds
+
+    device = next(model.parameters()).device
+    print(f"measuring the cost model ({args.runtime}, batch {args.speed_batch_size}, threads "
+          f"{args.threads or 'default'})", file=sys.stderr)
+    cost = measure_latency_model(model, args.speed_batch_size, args.threads, args.runtime, device,
+                                 rounds=args.speed_rounds, timer=args.timer,
+                                 step_kinds=method_step_kinds(args.rapid.method))
+    target = args.speedup if args.speedup is not None else target_from_latency(cost, args.latency_ms)
+    result = speed_calibrate(model, pixel_values, cost, target, rapid=args.rapid, searched=args.search,
+                             max_rounds=args.max_rounds, batch_size=args.batch_size, objective=args.objective)
+    result.measured = measure_speedup(model, result.rapid, args.speed_batch_size, args.threads, device,
+                                      rounds=max(args.speed_rounds, 10), timer=args.timer)
+    metadata = speed_metadata(result, args.latency_ms)
+    setattr(model.config, SPEED_METADATA_KEY, metadata)
+    context = {"model": args.model, "data": args.data_dir or args.dataset, "data_source": common.data_source(args),
+               "calibration_rows": rows, "command": common.command_line(NAME, args.argv),
+               SPEED_METADATA_KEY: metadata, "cost_model": cost.to_dict()}
+    save_calibrated(model, result, args.output, processor, context)
+    common.print_json({"rapid": result.rapid.to_dict(), "kl": result.fidelity.kl,
+                       "agreement": result.fidelity.agreement, "top1_nll": result.fidelity.top1_nll,
+                       "trials": len(result.trials), "seconds": round(result.seconds, 1), SPEED_METADATA_KEY: metadata})
+    message = miss_message(result)
+    if message:
+        print(message, file=sys.stderr)
+    print(f"wrote {args.output} (config.json with the chosen values and {SPEED_METADATA_KEY}, calibration.json with "
+          "the search log and the cost model)")

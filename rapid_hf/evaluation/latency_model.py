@@ -1,0 +1,508 @@
+"""A cost model of a reducing model's forward, measured on this machine: predict a schedule's latency without
+running it.
+
+A reduced forward is the embeddings, then per layer `l` the attention residual on the layer's input tokens
+`N_{l-1}`, the reduction step (operation `op_l`, removing `N_{l-1} - N_l` tokens) and the MLP residual on its
+output tokens `N_l`, then the final norm and head. `measure_latency_model` times each piece on the model's own
+modules, at the given batch size, thread count, device and runtime:
+
+- `layer(N)`: one layer called as the reduced forward calls it (through `__call__`, with a `LayerReduction` and no
+  step; every piece runs on each of the model's layers in turn and is divided by their number, so each layer's
+  weights have left the cache as they have in a forward: timing one layer over and over kept them cached and
+  underpredicted reduced forwards by 5-11% at batch 1), at every token count of a grid, without and with
+  proportional attention's size bias (the bias switches SDPA off its unmasked path); `mlp(N)`: the MLP residual
+  alone, so that a reducing layer costs `layer(N_in) - mlp(N_in) + mlp(N_out)`;
+- `step(kind, N)`: one reduction step (importance, plan, gather/merge) per kind of step, i.e. per operation of
+  `rapid_hf.reduction.steps` (`prune_redundant`, `merge_important`, `prune_similar`, `merge_similar`,
+  `merge_crucial`, `merge_energy`, `fuse_topk`) and, for merges, per merge mode (`+mlerp`), removing
+  `r = min(step_r, cap)` tokens. It is measured in context: the same layer called with the step, less the layer
+  without it (`layer(N) - mlp(N) + mlp(N - r)`); a step timed on its own on the same tensors took a third to a
+  quarter of that on DeiT-Tiny at batch 1 (warm caches and allocator), and underpredicted forwards by ~14%;
+- `embed` and `head(N)` (final norm and classifier on N tokens), and the unreduced model's whole forward, whose
+  difference from the sum of its pieces is kept as `overhead_ms` (the backbone's own Python: settings, output
+  capture, the output object).
+
+Values between grid points are interpolated linearly (extrapolated from the two nearest points outside the grid).
+Every piece is timed in one interleaved loop (`rapid_hf.evaluation.throughput.interleaved_times`: each round times
+every piece once, the order alternating), each piece repeated enough times per round to take a few milliseconds;
+medians over rounds. Then
+
+    predicted_ms(config) = embed + overhead + head(N_L)
+                           + sum_l [ layer(N_{l-1}, bias_l) - mlp(N_{l-1}) + mlp(N_l) + step(kind_l, N_{l-1}) ]
+
+where `bias_l` says whether tokens have merged before layer `l` (proportional attention on) and `N_l`, `kind_l`
+follow `rapid_hf.reduction.steps.layer_steps` and `rapid_hf.reduction.schedule.token_counts`.
+`validate_latency_model` measures whole forwards of given configs (interleaved) beside their predictions.
+
+Runtime: `"eager"` (PyTorch modules as they are). The compiled and ONNX Runtime paths are not measured by this
+module yet (`RUNTIMES`); a LatencyModel records the runtime it was measured with.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import platform
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from rapid_hf.evaluation.throughput import TIMERS, interleaved_times
+from rapid_hf.models.layers import LayerReduction
+from rapid_hf.reduction.config import RapidConfig
+from rapid_hf.reduction.matching import removal_cap
+from rapid_hf.reduction.schedule import token_counts
+from rapid_hf.reduction.steps import LayerStep, layer_steps
+
+RUNTIMES: tuple[str, ...] = ("eager",)
+OPERATIONS: tuple[str, ...] = (
+    "prune_redundant", "merge_important", "prune_similar", "merge_similar", "merge_crucial", "merge_energy", "fuse_topk"
+)
+MERGING_OPERATIONS: frozenset[str] = frozenset({"merge_important", "merge_similar", "merge_crucial", "merge_energy"})
+# The method whose settings a step of each operation is measured with (its knobs at their defaults).
+OPERATION_METHODS: dict[str, str] = {
+    "prune_redundant": "rapid", "merge_important": "rapid", "prune_similar": "tofu", "merge_similar": "tome",
+    "merge_crucial": "crucial", "merge_energy": "pitome", "fuse_topk": "topk",
+}
+# Token counts of the grid, as fractions of the model's input tokens (197 for a 224 px patch-16 ViT).
+GRID_FRACTIONS: tuple[float, ...] = (1.0, 0.8, 0.62, 0.47, 0.35, 0.25, 0.17, 0.11, 0.06)
+DEFAULT_STEP_R = 16
+TARGET_BLOCK_S = 0.004  # each piece is repeated within a round until it takes about this long
+
+
+def step_kind(operation: str, merge_mode: str) -> str:
+    """The cost-model key of a step: its operation, with `+mlerp` for merges that use MLERP."""
+    return f"{operation}+mlerp" if operation in MERGING_OPERATIONS and merge_mode == "mlerp" else operation
+
+
+def default_step_kinds() -> tuple[str, ...]:
+    """Every operation, plus MLERP variants of the merges that methods run with it (ToFu; RAPID when calibrated)."""
+    return (*OPERATIONS, "merge_similar+mlerp", "merge_important+mlerp")
+
+
+def method_step_kinds(method: str) -> tuple[str, ...]:
+    """The step kinds `method` can run (both merge modes of its merges): what a cost model for it must measure."""
+    operations = [operation for operation, owner in OPERATION_METHODS.items() if owner == method]
+    if method == "tofu":
+        operations = ["prune_similar", "merge_similar"]
+    kinds = []
+    for operation in operations:
+        kinds.append(operation)
+        if operation in MERGING_OPERATIONS:
+            kinds.append(f"{operation}+mlerp")
+    return tuple(kinds)
+
+
+def machine_description(runtime: str = "eager", device: str | torch.device = "cpu", threads: int | None = None,
+                        batch_size: int = 1) -> dict[str, Any]:
+    """Where a latency was measured: platform, CPU (or GPU) name, cores, threads, batch size, runtime, torch."""
+    device = torch.device(device)
+    processor = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                processor = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    if device.type == "cuda":
+        processor = torch.cuda.get_device_name(device)
+    return {
+        "platform": platform.platform(),
+        "processor": processor,
+        "cpu_count": os.cpu_count(),
+        "device": str(device),
+        "threads": torch.get_num_threads() if threads is None else threads,
+        "batch_size": batch_size,
+        "runtime": runtime,
+        "torch": torch.__version__,
+    }
+
+
+def _interpolate(tokens: Sequence[int], values: Sequence[float], n: float) -> float:
+    """Piecewise-linear in the token count; outside the grid, the line through the two nearest points."""
+    xs, ys = np.asarray(tokens, dtype=float), np.asarray(values, dtype=float)
+    order = np.argsort(xs)
+    xs, ys = xs[order], ys[order]
+    if len(xs) == 1:
+        return float(ys[0])
+    if n < xs[0]:
+        slope = (ys[1] - ys[0]) / (xs[1] - xs[0])
+        return float(max(0.0, ys[0] + slope * (n - xs[0])))
+    if n > xs[-1]:
+        slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
+        return float(ys[-1] + slope * (n - xs[-1]))
+    return float(np.interp(n, xs, ys))
+
+
+@dataclass
+class LatencyModel:
+    """Measured times (ms per forward of the whole batch) of a model's pieces; see the module docstring."""
+
+    machine: dict[str, Any]
+    num_tokens: int
+    num_layers: int
+    num_protected: int
+    tokens: list[int]
+    layer_ms: list[float]
+    layer_bias_ms: list[float]
+    mlp_ms: list[float]
+    head_ms: list[float]
+    step_ms: dict[str, list[float]]
+    sets_sizes: dict[str, bool]
+    embed_ms: float
+    overhead_ms: float
+    stock_ms: float
+    step_r: int = DEFAULT_STEP_R
+    rounds: int = 0
+    timer: str = "wall"
+    spread: dict[str, float] = field(default_factory=dict)
+
+    # --- pieces ---
+
+    def layer_time(self, n_in: int, n_out: int, bias: bool = False) -> float:
+        """One layer: attention on `n_in` tokens (with the size bias or not), MLP on `n_out`; no step."""
+        curve = self.layer_bias_ms if bias else self.layer_ms
+        mlp = self.mlp_ms
+        return (_interpolate(self.tokens, curve, n_in) - _interpolate(self.tokens, mlp, n_in)
+                + _interpolate(self.tokens, mlp, n_out))
+
+    def step_time(self, kind: str, n: int) -> float:
+        """One reduction step of `kind` on `n` input tokens (an unmeasured `+mlerp` kind falls back to its op)."""
+        if kind not in self.step_ms:
+            base = kind.split("+", 1)[0]
+            if base not in self.step_ms:
+                raise KeyError(f"step {kind!r} was not measured; measured: {sorted(self.step_ms)}")
+            kind = base
+        return _interpolate(self.tokens, self.step_ms[kind], n)
+
+    # --- schedules ---
+
+    def breakdown(self, config: RapidConfig) -> dict[str, Any]:
+        """The predicted time of every piece of a forward running `config` (ms), and the token counts."""
+        steps = layer_steps(config, self.num_tokens, self.num_layers, self.num_protected)
+        schedule = [step.r if step.operation is not None else 0 for step in steps]
+        counts = token_counts(self.num_tokens, schedule, self.num_protected)
+        merged = False
+        layers, step_times = [], []
+        for step, n_in, n_out in zip(steps, [self.num_tokens, *counts[:-1]], counts, strict=True):
+            bias = merged and config.prop_attn
+            layers.append(self.layer_time(n_in, n_out, bias))
+            removes = n_in > n_out
+            kind = step_kind(step.operation, step.merge_mode) if step.operation is not None and removes else None
+            step_times.append(0.0 if kind is None else self.step_time(kind, n_in))
+            if kind is not None:
+                merged = merged or self.sets_sizes.get(kind.split("+", 1)[0], True)
+        head = _interpolate(self.tokens, self.head_ms, counts[-1] if counts else self.num_tokens)
+        total = self.embed_ms + self.overhead_ms + head + sum(layers) + sum(step_times)
+        return {"embed_ms": self.embed_ms, "overhead_ms": self.overhead_ms, "head_ms": head, "layer_ms": layers,
+                "step_ms": step_times, "token_counts": counts, "total_ms": total}
+
+    def predict_ms(self, config: RapidConfig) -> float:
+        """Predicted time of one forward of the whole batch running `config`."""
+        return self.breakdown(config)["total_ms"]
+
+    def predicted_speedup(self, config: RapidConfig) -> float:
+        """Predicted unreduced time over the predicted time of `config` (same machine, batch and runtime)."""
+        return self.predict_ms(RapidConfig(method="none")) / self.predict_ms(config)
+
+    # --- files ---
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LatencyModel:
+        return cls(**data)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> LatencyModel:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+# --- measuring ----------------------------------------------------------------------------------------------
+
+
+def token_grid(num_tokens: int, num_protected: int, fractions: Sequence[float] = GRID_FRACTIONS) -> list[int]:
+    """Distinct token counts, from the input's down to a few tokens, largest first."""
+    lowest = num_protected + 4
+    return sorted({max(lowest, round(num_tokens * fraction)) for fraction in fractions}, reverse=True)
+
+
+def _repeat(forward: Callable[[], Any], number: int) -> None:
+    for _ in range(number):
+        forward()
+
+
+def _layer_call(layers: Sequence[Any], hidden: torch.Tensor, sizes: torch.Tensor | None, num_protected: int,
+                importance_queries: Callable | None) -> None:
+    for layer in layers:
+        reduction = LayerReduction(step=None, sizes=sizes, num_protected=num_protected, prop_attn=True,
+                                   importance_queries=importance_queries)
+        layer(hidden, None, reduction=reduction)
+
+
+def _mlp_call(layers: Sequence[Any], hidden: torch.Tensor) -> None:
+    for layer in layers:
+        layer.mlp_residual(hidden)
+
+
+def _head_call(model: Any, backbone: Any, hidden: torch.Tensor, sizes: torch.Tensor) -> Any:
+    last, _ = backbone.finish(hidden, sizes)
+    classifier = getattr(model, "classifier", None)
+    return classifier(last[:, 0]) if isinstance(classifier, torch.nn.Module) else last
+
+
+def _layer_step_call(layers: Sequence[Any], hidden: torch.Tensor, sizes: torch.Tensor | None, step: LayerStep,
+                     num_protected: int, importance_queries: Callable | None) -> None:
+    for layer in layers:
+        reduction = LayerReduction(step=step, sizes=sizes, num_protected=num_protected, prop_attn=True,
+                                   importance_queries=importance_queries)
+        layer(hidden, None, reduction=reduction)
+
+
+def _whole_call(model: Any, pixel_values: torch.Tensor, rapid: RapidConfig) -> Any:
+    return model(pixel_values=pixel_values, rapid=rapid)
+
+
+def _check_runtime(runtime: str) -> None:
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime {runtime!r} is not measured by the cost model yet: choose from "
+                         f"{', '.join(RUNTIMES)}")
+
+
+def _numbers(forwards: Sequence[Callable[[], Any]], clock: Callable[[], float], device: torch.device) -> list[int]:
+    """Calls per round of each forward so that a round's block takes about TARGET_BLOCK_S (after two warm-ups)."""
+    numbers = []
+    for forward in forwards:
+        forward()
+        forward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = clock()
+        forward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = max(clock() - start, 1e-6)
+        numbers.append(max(1, min(50, math.ceil(TARGET_BLOCK_S / seconds))))
+    return numbers
+
+
+def _timed(forwards: Sequence[Callable[[], Any]], rounds: int, clock: Callable[[], float], device: torch.device,
+           progress: bool, description: str) -> list[list[float]]:
+    """Seconds per call of each forward in each round (interleaved rounds, each forward repeated per round)."""
+    numbers = _numbers(forwards, clock, device)
+    wrapped = [functools.partial(_repeat, forward, number) for forward, number in zip(forwards, numbers, strict=True)]
+    times = interleaved_times(wrapped, rounds, 1, clock, device, progress, description)
+    return [[value / number for value in row] for row, number in zip(times, numbers, strict=True)]
+
+
+def _spread(values: Sequence[float]) -> float:
+    low, median, high = np.percentile(values, [25, 50, 75])
+    return float((high - low) / median) if median > 0 else 0.0
+
+
+@torch.inference_mode()
+def measure_latency_model(
+    model: Any,
+    batch_size: int = 1,
+    threads: int | None = None,
+    runtime: str = "eager",
+    device: str | torch.device = "cpu",
+    rounds: int = 15,
+    timer: str = "wall",
+    tokens: Sequence[int] | None = None,
+    step_kinds: Sequence[str] | None = None,
+    step_r: int = DEFAULT_STEP_R,
+    seed: int = 0,
+    progress: bool = False,
+) -> LatencyModel:
+    """Time `model`'s pieces (see the module docstring) and return the cost model. `threads`: torch's thread
+    count for the measurement (restored afterwards; None keeps it). `timer`: "wall" or "process" (this process's
+    CPU time: steadier on a busy machine, meaningful with one thread)."""
+    _check_runtime(runtime)
+    if timer not in TIMERS:
+        raise ValueError(f"timer {timer!r} is invalid: choose from {', '.join(TIMERS)}")
+    if batch_size < 1 or rounds < 1 or step_r < 1:
+        raise ValueError(f"batch_size, rounds and step_r must be >= 1, got {batch_size}, {rounds}, {step_r}")
+    kinds = tuple(default_step_kinds() if step_kinds is None else step_kinds)
+    unknown = sorted({kind.split("+", 1)[0] for kind in kinds} - set(OPERATIONS))
+    if unknown:
+        raise ValueError(f"unknown step kind(s) {unknown}: choose from {', '.join(OPERATIONS)} (merges with +mlerp)")
+    device = torch.device(device)
+    original_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _measure(model.to(device).eval(), batch_size, runtime, device, rounds, timer, tokens, kinds, step_r,
+                        seed, progress)
+    finally:
+        torch.set_num_threads(original_threads)
+
+
+def _measure(model: Any, batch_size: int, runtime: str, device: torch.device, rounds: int, timer: str,
+             tokens: Sequence[int] | None, kinds: Sequence[str], step_r: int, seed: int,
+             progress: bool) -> LatencyModel:
+    backbone = model.rapid_backbone
+    layers = backbone.reducing_layers
+    num_layers, num_protected = len(layers), backbone.num_protected_tokens
+    config = backbone.config
+    size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
+    generator = torch.Generator().manual_seed(seed)
+    pixel_values = torch.randn(batch_size, config.num_channels, size, size, generator=generator).to(device)
+    pixel_values = pixel_values.to(backbone.embedding_dtype)
+    embedded = backbone.embed(pixel_values, None, False)
+    num_tokens = embedded.shape[1]
+    hidden_full = embedded
+    for layer in list(layers)[: min(2, num_layers)]:  # realistic tokens: after two unreduced layers
+        hidden_full = layer(hidden_full)
+    grid = sorted(set(tokens), reverse=True) if tokens is not None else token_grid(num_tokens, num_protected)
+    layer = layers[num_layers // 2]
+    cycle = list(layers)  # every piece runs on each layer in turn: each layer's weights leave the cache as in a forward
+    queries = backbone.importance_queries
+
+    pieces: dict[str, Callable[[], Any]] = {
+        "embed": functools.partial(backbone.embed, pixel_values, None, False),
+        "stock": functools.partial(_whole_call, model, pixel_values, RapidConfig(method="none")),
+    }
+    sets_sizes: dict[str, bool] = {}
+    removed: dict[tuple[str, int], int] = {}
+    for n in grid:
+        hidden = hidden_full[:, :n].contiguous()
+        ones = hidden.new_ones(batch_size, n, 1, dtype=torch.float32)
+        pieces[f"layer/{n}"] = functools.partial(_layer_call, cycle, hidden, None, num_protected, queries)
+        pieces[f"layer_bias/{n}"] = functools.partial(_layer_call, cycle, hidden, ones, num_protected, queries)
+        pieces[f"mlp/{n}"] = functools.partial(_mlp_call, cycle, hidden)
+        pieces[f"head/{n}"] = functools.partial(_head_call, model, backbone, hidden, ones)
+        r = min(step_r, removal_cap(n, num_protected))
+        for kind in kinds:
+            operation, _, mode = kind.partition("+")
+            method = OPERATION_METHODS[operation]
+            settings = RapidConfig(method=method, r=r, merge_mode=mode or "mean")
+            step = LayerStep(operation=operation, r=r, settings=settings, layer=num_layers // 2, num_layers=num_layers)
+            sizes = ones if operation in MERGING_OPERATIONS or operation == "fuse_topk" else None
+            if r > 0 and operation not in sets_sizes:
+                probe = LayerReduction(step=step, sizes=None, num_protected=num_protected, prop_attn=True,
+                                       importance_queries=queries)
+                layer(hidden, None, reduction=probe)
+                sets_sizes[operation] = probe.sizes_out is not None
+            removed[kind, n] = r
+            pieces[f"step/{kind}/{n}"] = functools.partial(_layer_step_call, cycle, hidden, sizes, step, num_protected,
+                                                          queries)
+    names = list(pieces)
+    times = _timed([pieces[name] for name in names], rounds, TIMERS[timer], device, progress, "cost model")
+    per_layer = {name: len(cycle) if name.startswith(("layer", "mlp", "step")) else 1 for name in names}
+    median = {name: statistics.median(values) * 1e3 / per_layer[name]
+              for name, values in zip(names, times, strict=True)}
+    spread = {name: _spread(values) for name, values in zip(names, times, strict=True)}
+
+    def curve(prefix: str) -> list[float]:
+        return [median[f"{prefix}/{n}"] for n in grid]
+
+    def step_curve(kind: str) -> list[float]:
+        """The layer with the step, less the same layer without it (attention on n, MLP on n - r)."""
+        bias = "layer_bias" if kind.split("+", 1)[0] in MERGING_OPERATIONS or kind == "fuse_topk" else "layer"
+        mlp = curve("mlp")
+        return [median[f"step/{kind}/{n}"] - median[f"{bias}/{n}"] + median[f"mlp/{n}"]
+                - _interpolate(grid, mlp, n - removed[kind, n]) for n in grid]
+
+    layer_ms = curve("layer")
+    head_ms = curve("head")
+    overhead = (median["stock"] - median["embed"] - num_layers * _interpolate(grid, layer_ms, num_tokens)
+                - _interpolate(grid, head_ms, num_tokens))
+    return LatencyModel(
+        machine=machine_description(runtime, device, torch.get_num_threads(), batch_size),
+        num_tokens=num_tokens, num_layers=num_layers, num_protected=num_protected, tokens=list(grid),
+        layer_ms=layer_ms, layer_bias_ms=curve("layer_bias"), mlp_ms=curve("mlp"), head_ms=head_ms,
+        step_ms={kind: step_curve(kind) for kind in kinds}, sets_sizes=sets_sizes,
+        embed_ms=median["embed"], overhead_ms=overhead, stock_ms=median["stock"], step_r=step_r, rounds=rounds,
+        timer=timer, spread={"largest": max(spread.values()), "stock": spread["stock"]},
+    )
+
+
+@torch.inference_mode()
+def measure_latencies(model: Any, configs: Sequence[RapidConfig], batch_size: int = 1, threads: int | None = None,
+                      device: str | torch.device = "cpu", rounds: int = 10, timer: str = "wall", seed: int = 0,
+                      progress: bool = False) -> list[list[float]]:
+    """Seconds per whole forward of each config in each round (interleaved; the configs as per-call settings)."""
+    if timer not in TIMERS:
+        raise ValueError(f"timer {timer!r} is invalid: choose from {', '.join(TIMERS)}")
+    device = torch.device(device)
+    model = model.to(device).eval()
+    config = model.rapid_backbone.config
+    size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
+    generator = torch.Generator().manual_seed(seed)
+    pixel_values = torch.randn(batch_size, config.num_channels, size, size, generator=generator).to(device)
+    original_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        forwards = [functools.partial(_whole_call, model, pixel_values, rapid) for rapid in configs]
+        return _timed(forwards, rounds, TIMERS[timer], device, progress, f"latency batch {batch_size}")
+    finally:
+        torch.set_num_threads(original_threads)
+
+
+def validate_latency_model(model: Any, latency_model: LatencyModel, configs: Sequence[tuple[str, RapidConfig]],
+                           rounds: int = 10, timer: str | None = None, device: str | torch.device = "cpu",
+                           progress: bool = False) -> list[dict[str, Any]]:
+    """Measured whole-forward latency of each `(label, config)` (interleaved with the unreduced model, at the
+    cost model's batch size and threads) beside its prediction: one record per config with `predicted_ms`,
+    `measured_ms`, `error` (predicted / measured - 1), `predicted_speedup`, `measured_speedup` (median of the
+    per-round ratios to the unreduced model) and `speedup_error`."""
+    machine = latency_model.machine
+    stock = RapidConfig(method="none")
+    times = measure_latencies(model, [stock, *(config for _, config in configs)], machine["batch_size"],
+                              machine["threads"], device, rounds, timer or latency_model.timer, progress=progress)
+    stock_times = np.asarray(times[0])
+    predicted_stock = latency_model.predict_ms(stock)
+    records = []
+    for (label, config), own in zip([("none", stock), *configs], times, strict=True):
+        measured = statistics.median(own) * 1e3
+        predicted = latency_model.predict_ms(config)
+        measured_speedup = float(np.median(stock_times / np.asarray(own)))
+        predicted_speedup = predicted_stock / predicted
+        records.append({
+            "label": label, "method": config.method, "rapid": config.to_dict(),
+            "token_counts": latency_model.breakdown(config)["token_counts"],
+            "predicted_ms": predicted, "measured_ms": measured, "error": predicted / measured - 1,
+            "predicted_speedup": predicted_speedup, "measured_speedup": measured_speedup,
+            "speedup_error": predicted_speedup / measured_speedup - 1, "spread": _spread(own),
+            "batch_size": machine["batch_size"], "threads": machine["threads"], "rounds": rounds,
+        })
+    return records
+
+
+def median_absolute_error(records: Sequence[dict[str, Any]], key: str = "error") -> float:
+    """Median of |record[key]| over the reduced rows (the unreduced row is excluded)."""
+    values = [abs(record[key]) for record in records if record["method"] != "none"]
+    return float(statistics.median(values)) if values else 0.0
+
+
+__all__ = [
+    "GRID_FRACTIONS",
+    "OPERATIONS",
+    "RUNTIMES",
+    "LatencyModel",
+    "default_step_kinds",
+    "machine_description",
+    "measure_latencies",
+    "measure_latency_model",
+    "median_absolute_error",
+    "method_step_kinds",
+    "step_kind",
+    "token_grid",
+    "validate_latency_model",
+]
