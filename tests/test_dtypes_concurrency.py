@@ -1,7 +1,8 @@
 """Every method runs in every float dtype and stays close to float32; threads and torch.compile change nothing.
 
 The bfloat16 agreement on the real DeiT-Tiny is printed (`pytest -rP`) and recorded for more images by
-`scripts/check_dtypes.py` in results/robustness_dtypes.json. float16 is exercised on CPU only here (no GPU).
+`experiments/dtypes/check_dtypes.py` in experiments/dtypes/robustness_dtypes.json. float16 is exercised on CPU only
+here (no GPU).
 """
 
 from __future__ import annotations

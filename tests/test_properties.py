@@ -13,7 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rapid_hf.reduction.attention import attention_importance, size_bias
+from rapid_hf.reduction.attention import attention_importance, per_patch_importance, size_bias
 from rapid_hf.reduction.config import RapidConfig
 from rapid_hf.reduction.matching import removal_cap
 from rapid_hf.reduction.schedule import (
@@ -135,6 +135,12 @@ def test_merged_tokens_are_size_weighted_means_and_untouched_tokens_stay_bit_exa
     hidden, _, _ = reduce(case)
     members = membership(case).to(case["hidden"].dtype)
     weights = members * input_sizes(case).to(members.dtype).transpose(1, 2)
+    if case["step"].operation == "fuse_topk":  # EViT's fusion weighs its members by importance, not size
+        importance = case["importance"]
+        if case["step"].settings.importance_source == "per_patch":
+            importance = per_patch_importance(importance, case["sizes"])
+        weights = members * importance.clamp_min(0).to(members.dtype).unsqueeze(1)
+        weights = torch.where(weights.sum(dim=-1, keepdim=True) > 0, weights, members)  # all 0: uniform
     mean = (weights @ case["hidden"]) / weights.sum(dim=-1, keepdim=True)
     single = members.sum(dim=-1) == 1
     assert torch.equal(hidden[single], (members @ case["hidden"])[single])

@@ -137,7 +137,7 @@ class RapidConfig:
         if self.switch_layer == AUTO:
             raise ValueError(
                 "RapidConfig.switch_layer='auto' is not resolved yet: calibrate the model first "
-                "(scripts/calibrate.py, or rapid_hf.calibration.resolve_auto_switch_layer(model, pixel_values))"
+                "(`rapid-hf calibrate`, or rapid_hf.calibration.resolve_auto_switch_layer(model, pixel_values))"
             )
         if self.switch_layer is not None:
             return self.switch_layer
