@@ -71,7 +71,10 @@ SEARCH: dict[str, Any] = {
 OBJECTIVE_ROWS = {"agreement": "rapid-calibrated-agreement", "top1_nll": "rapid-calibrated-top1-nll"}
 METHOD_ORDER = ["none", "tome", "tofu", "rapid", "rapid-auto", "rapid-calibrated", "rapid-calibrated-shift",
                 "rapid-calibrated-protect", *OBJECTIVE_ROWS.values(), "rapid-per-patch",
-                "rapid-calibrated-per-patch", "crucial", "rapid-protect"]
+                "rapid-calibrated-per-patch", "crucial", "rapid-protect", "pitome", "topk"]
+# The training-free baselines added after the first passes (their own pass, "baselines"): PiToMe (paper form)
+# and top-k fusion (EViT-style), library defaults (docs/METHOD.md, "PiToMe and top-k pruning").
+BASELINE_ROWS = ("pitome", "topk")
 
 
 def label_of(amount: dict[str, int]) -> str:
@@ -138,13 +141,14 @@ def run_calibration(model: Any, image_processor: Any, args: argparse.Namespace) 
     return log
 
 
-PARTS = ("fixed", "calibrated", *OBJECTIVE_ROWS, "per_patch")
+PARTS = ("fixed", "calibrated", *OBJECTIVE_ROWS, "per_patch", "baselines")
 SEARCHES = ("kl", *OBJECTIVE_ROWS, "per_patch")
 
 
 def variants_for(calibrations: dict[str, dict[str, Any]], part: str) -> list[Variant]:
     """The rows of one part: "fixed" (need nothing but auto K), "calibrated" (the best config of each reading
-    of rho found by the KL search), an objective of `OBJECTIVE_ROWS` (the choice of that search) or "per_patch".
+    of rho found by the KL search), an objective of `OBJECTIVE_ROWS` (the choice of that search), "per_patch"
+    or "baselines" (PiToMe and top-k fusion).
     The parts run as separate passes so the first can start while calibrating."""
     calibration = calibrations["kl"]
     auto_k = calibration["auto_switch_layer"]
@@ -160,6 +164,8 @@ def variants_for(calibrations: dict[str, dict[str, Any]], part: str) -> list[Var
         elif part in OBJECTIVE_ROWS:
             chosen = calibrations[part]["settings"][label_of(amount)]["chosen"]
             variants.append(Variant(OBJECTIVE_ROWS[part], RapidConfig.from_dict(chosen)))
+        elif part == "baselines":
+            variants += [Variant(m, RapidConfig(method=m, **amount)) for m in BASELINE_ROWS]
         elif part == "per_patch":
             chosen = calibrations["per_patch"]["settings"][label_of(amount)]["chosen"]
             variants += [
