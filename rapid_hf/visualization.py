@@ -29,6 +29,8 @@ METHOD_COLOURS: dict[str, str] = {
     "tome": "#ff7f0e",
     "tofu": "#2ca02c",
     "crucial": "#9467bd",
+    "pitome": "#d62728",
+    "topk": "#8c564b",
 }
 
 

@@ -52,13 +52,12 @@ def redundancy_scores(scores: Tensor, threshold: float, num_protected: int) -> T
 def redundancy_prune_plan(scores: Tensor, r: int, num_protected: int, threshold: float) -> ReductionPlan:
     """RAPID stage 1: prune the `r` sources most redundant with the destinations (eq. 1).
 
-    Ties in eq. (1) are common: every source with no destination above tau scores 0 (most of them when tau is
-    near 1). They are broken by each source's highest similarity `max_j S_ij` (the most duplicated of them goes
-    first, ToFu's pruning criterion), then by index, instead of by token position alone.
+    Ties in eq. (1) (every source with no destination above tau scores 0) are broken by index, the stable order of
+    every ranking here. Breaking them by each source's highest similarity instead was measured and not kept: the
+    calibration photos favoured index order (docs/METHOD.md, "RAPID").
     """
     redundancy = redundancy_scores(scores, threshold, num_protected)
-    order = rank_descending_by(redundancy, scores.max(dim=-1).values)
-    return plan_from_ranking(order, r, num_protected, None)
+    return plan_from_ranking(rank_descending(redundancy), r, num_protected, None)
 
 
 def importance_threshold(cls_attention: Tensor, num_protected: int, importance_ratio: float) -> Tensor:
