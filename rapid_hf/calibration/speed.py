@@ -5,8 +5,8 @@ from the unreduced model subject to a predicted speed-up, measured on this machi
 the user's machine (runtime, threads, batch size). The search here:
 
 1. places reduction on a *pattern* of layers (`Pattern`: every layer, every 2nd, 3rd or 4th layer at each offset)
-   and, for a given config, finds the smallest total amount (tokens removed, spread as evenly as the pattern
-   allows, larger values first) whose predicted speed-up reaches the target (`place`);
+   and, for a given config, finds by bisection the smallest total amount (tokens removed, spread as evenly as the
+   pattern allows, larger values first) whose predicted speed-up reaches the target (`place`);
 2. scores every pattern so placed with the starting knobs on the calibration images (KL to the unreduced model,
    `rapid_hf.calibration.search.measure_fidelity`), keeps the best;
 3. runs the coordinate search of `rapid_hf.calibration.search` over the method's knobs and the pattern, each
@@ -105,17 +105,28 @@ def predicted_speedup(cost: CostModel, config: RapidConfig) -> float:
 def place(cost: CostModel, config: RapidConfig, pattern: Pattern, target: float,
           max_amount: int | None = None) -> tuple[RapidConfig, float] | None:
     """`config` reducing on `pattern` with the smallest amount whose predicted speed-up is >= `target`, and that
-    speed-up; None when no amount reaches it. Amounts are scanned upwards (capped layers make the prediction
-    only roughly monotone, so bisection could skip the first amount that reaches the target)."""
+    speed-up; None when no amount up to `max_amount` (default: every pattern layer removing every token it could)
+    reaches it. The predicted speed-up grows with the amount (more tokens removed, earlier), so the amount is
+    bisected."""
     num_layers = cost.num_layers
     stock = cost.predict_ms(RapidConfig(method="none"))
-    largest = max_amount if max_amount is not None else getattr(cost, "num_tokens", 256)
-    for amount in range(1, largest + 1):
+    largest = max_amount if max_amount is not None else (
+        getattr(cost, "num_tokens", 256) * len(pattern.layers(num_layers)))
+
+    def at(amount: int) -> tuple[RapidConfig, float]:
         candidate = config.replace(r=pattern_schedule(pattern, amount, num_layers), output_tokens=None)
-        speedup = stock / cost.predict_ms(candidate)
-        if speedup >= target:
-            return candidate, speedup
-    return None
+        return candidate, stock / cost.predict_ms(candidate)
+
+    if largest < 1 or at(largest)[1] < target:
+        return None
+    low, high = 1, largest  # at(high) reaches the target
+    while low < high:
+        middle = (low + high) // 2
+        if at(middle)[1] >= target:
+            high = middle
+        else:
+            low = middle + 1
+    return at(high)
 
 
 def best_reachable(cost: CostModel, config: RapidConfig, patterns: Sequence[Pattern]) -> float:

@@ -7,8 +7,8 @@ output tokens `N_l`, then the final norm and head. `measure_latency_model` times
 modules, at the given batch size, thread count, device and runtime:
 
 - `layer(N)`: one layer called as the reduced forward calls it (through `__call__`, with a `LayerReduction` and no
-  step; every piece runs on each of the model's layers in turn and is divided by their number, so each layer's
-  weights have left the cache as they have in a forward: timing one layer over and over kept them cached and
+  step; every piece runs on four of the model's layers in turn and is divided by their number, so a layer's
+  weights are not in the nearest caches, as in a forward: timing one layer over and over kept them cached and
   underpredicted reduced forwards by 5-11% at batch 1), at every token count of a grid, without and with
   proportional attention's size bias (the bias switches SDPA off its unmasked path); `mlp(N)`: the MLP residual
   alone, so that a reducing layer costs `layer(N_in) - mlp(N_in) + mlp(N_out)`;
@@ -22,10 +22,15 @@ modules, at the given batch size, thread count, device and runtime:
   difference from the sum of its pieces is kept as `overhead_ms` (the backbone's own Python: settings, output
   capture, the output object).
 
-Values between grid points are interpolated linearly (extrapolated from the two nearest points outside the grid).
-Every piece is timed in one interleaved loop (`rapid_hf.evaluation.throughput.interleaved_times`: each round times
-every piece once, the order alternating), each piece repeated enough times per round to take a few milliseconds;
-medians over rounds. Then
+Each curve is a least-squares quadratic in the token count through its grid points (`fit="quadratic"`, the
+default: attention grows with N^2, the rest with N, and one noisy point on a busy machine moves a fitted curve less
+than an interpolated one), or piecewise-linear interpolation (`fit="linear"`). `overhead_ms` is set so that the
+unreduced prediction equals the measured unreduced forward.
+Every piece is timed in one interleaved loop (each round times every piece once, the order alternating), each
+piece repeated enough times per round to take a few milliseconds, with a short fixed reference piece timed between
+consecutive pieces: each time is divided by the reference times around it (times their median), so a shared
+machine's slow and fast phases, which on the 2-core development machine moved a layer's time by up to 45% within
+a minute, do not land on some pieces only; medians over rounds. Then
 
     predicted_ms(config) = embed + overhead + head(N_L)
                            + sum_l [ layer(N_{l-1}, bias_l) - mlp(N_{l-1}) + mlp(N_l) + step(kind_l, N_{l-1}) ]
@@ -53,8 +58,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from rapid_hf.evaluation.throughput import TIMERS, interleaved_times
+from rapid_hf.evaluation.throughput import TIMERS, interleaved_times, time_forward
 from rapid_hf.models.layers import LayerReduction
 from rapid_hf.reduction.config import RapidConfig
 from rapid_hf.reduction.matching import removal_cap
@@ -74,6 +80,7 @@ OPERATION_METHODS: dict[str, str] = {
 # Token counts of the grid, as fractions of the model's input tokens (197 for a 224 px patch-16 ViT).
 GRID_FRACTIONS: tuple[float, ...] = (1.0, 0.8, 0.62, 0.47, 0.35, 0.25, 0.17, 0.11, 0.06)
 DEFAULT_STEP_R = 16
+FITS: tuple[str, ...] = ("quadratic", "linear")
 TARGET_BLOCK_S = 0.004  # each piece is repeated within a round until it takes about this long
 
 
@@ -164,15 +171,40 @@ class LatencyModel:
     rounds: int = 0
     timer: str = "wall"
     spread: dict[str, float] = field(default_factory=dict)
+    fit: str = "quadratic"
+    reference_ms: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.fit not in FITS:
+            raise ValueError(f"fit {self.fit!r} is invalid: choose from {', '.join(FITS)}")
+        self._fitted: dict[str, np.ndarray] = {}
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, LatencyModel) and self.to_dict() == other.to_dict()
+
+    def _value(self, name: str, values: Sequence[float], n: float) -> float:
+        """A curve at `n` tokens: least-squares quadratic in the token count (smooths the noise of single grid
+        points), or piecewise-linear interpolation (`fit="linear"`)."""
+        if self.fit == "linear" or len(self.tokens) < 4:
+            return _interpolate(self.tokens, values, n)
+        if name not in self._fitted:
+            self._fitted[name] = np.polyfit(np.asarray(self.tokens, float), np.asarray(values, float), 2)
+        return float(max(0.0, np.polyval(self._fitted[name], n)))
+
+    def refit(self, fit: str | None = None) -> LatencyModel:
+        """A copy using `fit` (default: this one's) whose `overhead_ms` makes the unreduced prediction equal the
+        measured unreduced forward (`stock_ms`)."""
+        copy = LatencyModel.from_dict({**self.to_dict(), "fit": fit or self.fit, "overhead_ms": 0.0})
+        copy.overhead_ms = self.stock_ms - copy.predict_ms(RapidConfig(method="none"))
+        return copy
 
     # --- pieces ---
 
     def layer_time(self, n_in: int, n_out: int, bias: bool = False) -> float:
         """One layer: attention on `n_in` tokens (with the size bias or not), MLP on `n_out`; no step."""
-        curve = self.layer_bias_ms if bias else self.layer_ms
-        mlp = self.mlp_ms
-        return (_interpolate(self.tokens, curve, n_in) - _interpolate(self.tokens, mlp, n_in)
-                + _interpolate(self.tokens, mlp, n_out))
+        name, curve = ("layer_bias", self.layer_bias_ms) if bias else ("layer", self.layer_ms)
+        return (self._value(name, curve, n_in) - self._value("mlp", self.mlp_ms, n_in)
+                + self._value("mlp", self.mlp_ms, n_out))
 
     def step_time(self, kind: str, n: int) -> float:
         """One reduction step of `kind` on `n` input tokens (an unmeasured `+mlerp` kind falls back to its op)."""
@@ -181,7 +213,7 @@ class LatencyModel:
             if base not in self.step_ms:
                 raise KeyError(f"step {kind!r} was not measured; measured: {sorted(self.step_ms)}")
             kind = base
-        return _interpolate(self.tokens, self.step_ms[kind], n)
+        return self._value(f"step/{kind}", self.step_ms[kind], n)
 
     # --- schedules ---
 
@@ -200,7 +232,7 @@ class LatencyModel:
             step_times.append(0.0 if kind is None else self.step_time(kind, n_in))
             if kind is not None:
                 merged = merged or self.sets_sizes.get(kind.split("+", 1)[0], True)
-        head = _interpolate(self.tokens, self.head_ms, counts[-1] if counts else self.num_tokens)
+        head = self._value("head", self.head_ms, counts[-1] if counts else self.num_tokens)
         total = self.embed_ms + self.overhead_ms + head + sum(layers) + sum(step_times)
         return {"embed_ms": self.embed_ms, "overhead_ms": self.overhead_ms, "head_ms": head, "layer_ms": layers,
                 "step_ms": step_times, "token_counts": counts, "total_ms": total}
@@ -216,7 +248,7 @@ class LatencyModel:
     # --- files ---
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return asdict(self)  # fields only (the fitted curves are recomputed on load)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LatencyModel:
@@ -309,6 +341,43 @@ def _timed(forwards: Sequence[Callable[[], Any]], rounds: int, clock: Callable[[
     return [[value / number for value in row] for row, number in zip(times, numbers, strict=True)]
 
 
+def _reference_forward(model: Any, batch_size: int, device: torch.device) -> Callable[[], Any]:
+    """A fixed, short piece of work (the first layer's MLP on 32 tokens) that tracks how fast the machine is."""
+    backbone = model.rapid_backbone
+    generator = torch.Generator().manual_seed(1)
+    hidden = torch.randn(batch_size, 32, backbone.config.hidden_size, generator=generator)
+    hidden = hidden.to(device=device, dtype=backbone.embedding_dtype)
+    return functools.partial(backbone.reducing_layers[0].mlp_residual, hidden)
+
+
+def _timed_against_reference(forwards: Sequence[Callable[[], Any]], reference: Callable[[], Any], rounds: int,
+                             clock: Callable[[], float], device: torch.device, progress: bool,
+                             description: str) -> tuple[list[list[float]], list[list[float]], float]:
+    """Interleaved rounds as `_timed`, with `reference` timed between consecutive forwards. Returns the raw
+    seconds per call, the drift-corrected ones (each divided by the mean of the reference times just before and
+    after it, times the reference's median over the run: a busy machine's slow phases hit every piece alike) and
+    the reference's median seconds."""
+    numbers = _numbers(forwards, clock, device)
+    reference_number = _numbers([reference], clock, device)[0]
+    raw: list[list[float]] = [[] for _ in forwards]
+    local: list[list[float]] = [[] for _ in forwards]
+    references: list[float] = []
+    order = list(range(len(forwards)))
+    for repeat in tqdm(range(rounds), desc=description, disable=not progress):
+        previous = time_forward(reference, reference_number, clock, device)  # seconds per call
+        references.append(previous)
+        for position in order if repeat % 2 == 0 else order[::-1]:
+            raw[position].append(time_forward(forwards[position], numbers[position], clock, device))
+            following = time_forward(reference, reference_number, clock, device)
+            references.append(following)
+            local[position].append((previous + following) / 2)
+            previous = following
+    median_reference = statistics.median(references)
+    corrected = [[value / around * median_reference for value, around in zip(row, arounds, strict=True)]
+                 for row, arounds in zip(raw, local, strict=True)]
+    return raw, corrected, median_reference
+
+
 def _spread(values: Sequence[float]) -> float:
     low, median, high = np.percentile(values, [25, 50, 75])
     return float((high - low) / median) if median > 0 else 0.0
@@ -328,11 +397,14 @@ def measure_latency_model(
     step_r: int = DEFAULT_STEP_R,
     seed: int = 0,
     progress: bool = False,
+    fit: str = "quadratic",
 ) -> LatencyModel:
     """Time `model`'s pieces (see the module docstring) and return the cost model. `threads`: torch's thread
     count for the measurement (restored afterwards; None keeps it). `timer`: "wall" or "process" (this process's
     CPU time: steadier on a busy machine, meaningful with one thread)."""
     _check_runtime(runtime)
+    if fit not in FITS:
+        raise ValueError(f"fit {fit!r} is invalid: choose from {', '.join(FITS)}")
     if timer not in TIMERS:
         raise ValueError(f"timer {timer!r} is invalid: choose from {', '.join(TIMERS)}")
     if batch_size < 1 or rounds < 1 or step_r < 1:
@@ -347,14 +419,14 @@ def measure_latency_model(
         torch.set_num_threads(threads)
     try:
         return _measure(model.to(device).eval(), batch_size, runtime, device, rounds, timer, tokens, kinds, step_r,
-                        seed, progress)
+                        seed, progress, fit)
     finally:
         torch.set_num_threads(original_threads)
 
 
 def _measure(model: Any, batch_size: int, runtime: str, device: torch.device, rounds: int, timer: str,
              tokens: Sequence[int] | None, kinds: Sequence[str], step_r: int, seed: int,
-             progress: bool) -> LatencyModel:
+             progress: bool, fit: str) -> LatencyModel:
     backbone = model.rapid_backbone
     layers = backbone.reducing_layers
     num_layers, num_protected = len(layers), backbone.num_protected_tokens
@@ -370,7 +442,9 @@ def _measure(model: Any, batch_size: int, runtime: str, device: torch.device, ro
         hidden_full = layer(hidden_full)
     grid = sorted(set(tokens), reverse=True) if tokens is not None else token_grid(num_tokens, num_protected)
     layer = layers[num_layers // 2]
-    cycle = list(layers)  # every piece runs on each layer in turn: each layer's weights leave the cache as in a forward
+    # every piece runs on several layers in turn, so a layer's weights are not all in the nearest caches, as in a
+    # forward (four are enough for that and keep rounds short, so that more rounds fit in the same time)
+    cycle = list(layers)[:: max(1, num_layers // 4)]
     queries = backbone.importance_queries
 
     pieces: dict[str, Callable[[], Any]] = {
@@ -402,7 +476,9 @@ def _measure(model: Any, batch_size: int, runtime: str, device: torch.device, ro
             pieces[f"step/{kind}/{n}"] = functools.partial(_layer_step_call, cycle, hidden, sizes, step, num_protected,
                                                           queries)
     names = list(pieces)
-    times = _timed([pieces[name] for name in names], rounds, TIMERS[timer], device, progress, "cost model")
+    _, times, reference_s = _timed_against_reference([pieces[name] for name in names],
+                                                     _reference_forward(model, batch_size, device), rounds,
+                                                     TIMERS[timer], device, progress, "cost model")
     per_layer = {name: len(cycle) if name.startswith(("layer", "mlp", "step")) else 1 for name in names}
     median = {name: statistics.median(values) * 1e3 / per_layer[name]
               for name, values in zip(names, times, strict=True)}
@@ -420,16 +496,15 @@ def _measure(model: Any, batch_size: int, runtime: str, device: torch.device, ro
 
     layer_ms = curve("layer")
     head_ms = curve("head")
-    overhead = (median["stock"] - median["embed"] - num_layers * _interpolate(grid, layer_ms, num_tokens)
-                - _interpolate(grid, head_ms, num_tokens))
     return LatencyModel(
         machine=machine_description(runtime, device, torch.get_num_threads(), batch_size),
         num_tokens=num_tokens, num_layers=num_layers, num_protected=num_protected, tokens=list(grid),
         layer_ms=layer_ms, layer_bias_ms=curve("layer_bias"), mlp_ms=curve("mlp"), head_ms=head_ms,
         step_ms={kind: step_curve(kind) for kind in kinds}, sets_sizes=sets_sizes,
-        embed_ms=median["embed"], overhead_ms=overhead, stock_ms=median["stock"], step_r=step_r, rounds=rounds,
-        timer=timer, spread={"largest": max(spread.values()), "stock": spread["stock"]},
-    )
+        embed_ms=median["embed"], overhead_ms=0.0, stock_ms=median["stock"], step_r=step_r, rounds=rounds,
+        timer=timer, spread={"largest": max(spread.values()), "stock": spread["stock"]}, fit=fit,
+        reference_ms=reference_s * 1e3,
+    ).refit()
 
 
 @torch.inference_mode()
@@ -461,26 +536,48 @@ def validate_latency_model(model: Any, latency_model: LatencyModel, configs: Seq
     """Measured whole-forward latency of each `(label, config)` (interleaved with the unreduced model, at the
     cost model's batch size and threads) beside its prediction: one record per config with `predicted_ms`,
     `measured_ms`, `error` (predicted / measured - 1), `predicted_speedup`, `measured_speedup` (median of the
-    per-round ratios to the unreduced model) and `speedup_error`."""
+    per-round ratios to the unreduced model) and `speedup_error`; and `measured_ms_corrected` / `error_corrected`:
+    the measured latency brought to the machine speed of the cost model's measurement (the reference piece's
+    median then over its median now, each forward corrected for the drift around it), which takes out a shared
+    machine's slowing down or speeding up between the two measurements."""
     machine = latency_model.machine
     stock = RapidConfig(method="none")
-    times = measure_latencies(model, [stock, *(config for _, config in configs)], machine["batch_size"],
-                              machine["threads"], device, rounds, timer or latency_model.timer, progress=progress)
+    batch_size, threads = machine["batch_size"], machine["threads"]
+    device = torch.device(device)
+    model = model.to(device).eval()
+    config = model.rapid_backbone.config
+    size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
+    pixel_values = torch.randn(batch_size, config.num_channels, size, size,
+                               generator=torch.Generator().manual_seed(0)).to(device)
+    rows = [("none", stock), *configs]
+    original_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            forwards = [functools.partial(_whole_call, model, pixel_values, rapid) for _, rapid in rows]
+            times, corrected, reference_s = _timed_against_reference(
+                forwards, _reference_forward(model, batch_size, device), rounds,
+                TIMERS[timer or latency_model.timer], device, progress, f"latency batch {batch_size}")
+    finally:
+        torch.set_num_threads(original_threads)
+    scale = latency_model.reference_ms / (reference_s * 1e3) if latency_model.reference_ms else 1.0
     stock_times = np.asarray(times[0])
     predicted_stock = latency_model.predict_ms(stock)
     records = []
-    for (label, config), own in zip([("none", stock), *configs], times, strict=True):
+    for (label, rapid), own, own_corrected in zip(rows, times, corrected, strict=True):
         measured = statistics.median(own) * 1e3
-        predicted = latency_model.predict_ms(config)
+        measured_corrected = statistics.median(own_corrected) * 1e3 * scale
+        predicted = latency_model.predict_ms(rapid)
         measured_speedup = float(np.median(stock_times / np.asarray(own)))
         predicted_speedup = predicted_stock / predicted
         records.append({
-            "label": label, "method": config.method, "rapid": config.to_dict(),
-            "token_counts": latency_model.breakdown(config)["token_counts"],
+            "label": label, "method": rapid.method, "rapid": rapid.to_dict(),
+            "token_counts": latency_model.breakdown(rapid)["token_counts"],
             "predicted_ms": predicted, "measured_ms": measured, "error": predicted / measured - 1,
+            "measured_ms_corrected": measured_corrected, "error_corrected": predicted / measured_corrected - 1,
             "predicted_speedup": predicted_speedup, "measured_speedup": measured_speedup,
             "speedup_error": predicted_speedup / measured_speedup - 1, "spread": _spread(own),
-            "batch_size": machine["batch_size"], "threads": machine["threads"], "rounds": rounds,
+            "reference_ms": reference_s * 1e3, "batch_size": batch_size, "threads": threads, "rounds": rounds,
         })
     return records
 
