@@ -54,9 +54,11 @@ class CountingBackend:
 
     def __init__(self) -> None:
         self.compiles = 0
+        self.symbolic_inputs = 0
 
     def __call__(self, graph: torch.fx.GraphModule, example_inputs):
         self.compiles += 1
+        self.symbolic_inputs += sum(isinstance(value, torch.SymInt) for value in example_inputs)
         return graph.forward
 
 
@@ -86,7 +88,7 @@ def test_repeated_calls_never_recompile_and_each_per_call_setting_compiles_once(
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True, backend=backend)
     pixel_values = torch.randn(2, 3, 32, 32)
-    tome, rapid = settings("tome"), settings("rapid")
+    tome = settings("tome")
     with torch.no_grad():
         compiled(pixel_values=pixel_values, rapid=tome)
         with torch._dynamo.config.patch(error_on_recompile=True):
@@ -94,13 +96,18 @@ def test_repeated_calls_never_recompile_and_each_per_call_setting_compiles_once(
                 compiled(pixel_values=pixel_values, rapid=tome)
                 compiled(pixel_values=pixel_values.clone(), rapid=RapidConfig(method="tome", r=6, switch_layer=1))
         assert backend.compiles == 1
-        for call in (rapid, rapid, tome, rapid):  # one new graph for the new setting, then none
-            compiled(pixel_values=pixel_values, rapid=call)
-        assert backend.compiles == 2
-        model.set_rapid(rapid)  # the model's own settings are guarded the same way
+        # New settings, r among them: one graph each, with static token counts (an r that changed between calls
+        # would otherwise become a symbol, see `static_ints`), and the same results as eager
+        for call in (settings("rapid"), settings("rapid"), RapidConfig(method="rapid", r=9, switch_layer=1), tome):
+            expected = model(pixel_values=pixel_values, rapid=call)
+            got = compiled(pixel_values=pixel_values, rapid=call)
+            assert got.token_counts == expected.token_counts
+            torch.testing.assert_close(got.logits, expected.logits, atol=1e-5, rtol=0)
+        assert backend.compiles == 3 and backend.symbolic_inputs == 0
+        model.set_rapid(settings("rapid"))  # the model's own settings are guarded the same way
         compiled(pixel_values=pixel_values)
         compiled(pixel_values=pixel_values)
-    assert backend.compiles == 3
+    assert backend.compiles == 4
 
 
 def test_inductor_agrees_with_eager():

@@ -10,6 +10,7 @@ modules, so one model object can serve several threads with different settings a
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -22,7 +23,7 @@ from transformers.utils.output_capturing import capture_outputs
 from rapid_hf.models.configuration_rapid import as_pair, as_rapid_config
 from rapid_hf.models.layers import LayerReduction, swap_module_classes
 from rapid_hf.models.outputs import RapidImageClassifierOutput, RapidModelOutput, reduction_fields
-from rapid_hf.reduction.config import RapidConfig
+from rapid_hf.reduction.config import RapidConfig, static_ints
 from rapid_hf.reduction.steps import layer_steps
 from rapid_hf.reduction.tracing import (
     initial_assignment,
@@ -234,8 +235,13 @@ class ReducedBackboneMixin(RapidSettingsMixin):
         return self.config_class.input_tokens(self.config)
 
     def rapid_settings(self, rapid: RapidConfig | Mapping[str, Any] | None) -> RapidConfig:
-        """The settings of one forward: `rapid` if given, else the model's own `config.rapid`."""
-        return as_rapid_config(getattr(self.config, "rapid", None) if rapid is None else rapid)
+        """The settings of one forward: `rapid` if given, else the model's own `config.rapid`.
+
+        Under `torch.compile` their ints are specialised (`static_ints`): each distinct setting compiles once, to a
+        graph with static token counts.
+        """
+        settings = as_rapid_config(getattr(self.config, "rapid", None) if rapid is None else rapid)
+        return static_ints(settings) if torch.compiler.is_compiling() else settings
 
     @merge_with_config_defaults
     @capture_outputs(tie_last_hidden_states=False)
@@ -278,8 +284,11 @@ class ReducedBackboneMixin(RapidSettingsMixin):
 
         layers = self.reducing_layers
         num_protected = self.num_protected_tokens
-        settings.validate_for_model(num_layers=len(layers), num_tokens=hidden.shape[1], num_protected=num_protected)
-        steps = layer_steps(settings, hidden.shape[1], len(layers), num_protected)
+        # A token count made symbolic by a new input size (dynamo's automatic dynamic shapes) is specialised, as
+        # the settings are: every layer's token count stays static. In eager mode this is the int itself.
+        num_input_tokens = operator.index(hidden.shape[1])
+        settings.validate_for_model(num_layers=len(layers), num_tokens=num_input_tokens, num_protected=num_protected)
+        steps = layer_steps(settings, num_input_tokens, len(layers), num_protected)
         sizes: Tensor | None = None
         carried = self.carried_tokens(pixel_values, hidden)
         counts: list[int] = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Literal, get_args
@@ -186,6 +187,28 @@ FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in fields(RapidConfig))
 """`RapidConfig`'s field names, computed once (`dataclasses.fields` cannot be traced by torch.compile)."""
 
 
+def static_ints(config: RapidConfig) -> RapidConfig:
+    """`config` with each of its ints made a compile-time constant; for use under `torch.compile` only.
+
+    Settings reach a compiled forward as inputs (the model's `config.rapid` or a per-call `rapid=`), and dynamo's
+    automatic dynamic shapes turns an input int that changed since the last compile (r=8, then r=16) into a
+    symbol. Token counts derived from a symbolic r nest `N - min(r, (N - k) // 2)` once per layer, and the size
+    expressions grow with every layer until compiling never finishes. `operator.index` makes dynamo specialise
+    the value instead (a guard on it): one static graph per distinct setting. In eager mode it changes nothing.
+    """
+
+    def static(value: Any) -> Any:
+        if _is_int(value):
+            return operator.index(value)
+        if isinstance(value, list):
+            return [operator.index(item) for item in value]
+        if isinstance(value, tuple):
+            return (operator.index(value[0]), value[1])
+        return value
+
+    return RapidConfig(**{name: static(getattr(config, name)) for name in FIELD_NAMES})
+
+
 def _normalise_r(r: Any) -> int | list[int] | tuple[int, float]:
     """Accept the three r forms in ToMe's conventions, plus the saved JSON forms of the linear schedule.
 
@@ -223,5 +246,17 @@ def _linear_schedule(given: Any, base: Any, inflection: Any, allowed: str) -> tu
     return (base, float(inflection))
 
 
-__all__ = ["AUTO", "FIELD_NAMES", "IMPORTANCE_MODES", "IMPORTANCE_SOURCES", "MERGE_MODES", "METHODS", "ImportanceMode",
-           "ImportanceSource", "MergeMode", "Method", "RapidConfig"]
+__all__ = [
+    "AUTO",
+    "FIELD_NAMES",
+    "IMPORTANCE_MODES",
+    "IMPORTANCE_SOURCES",
+    "MERGE_MODES",
+    "METHODS",
+    "ImportanceMode",
+    "ImportanceSource",
+    "MergeMode",
+    "Method",
+    "RapidConfig",
+    "static_ints",
+]

@@ -9,6 +9,8 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 
+import torch
+
 from rapid_hf.reduction.matching import removal_cap
 
 RSpec = int | Sequence[int] | tuple[int, float]
@@ -76,10 +78,11 @@ def schedule_for_output_tokens(num_tokens: int, num_layers: int, num_protected: 
             f"output_tokens={target} cannot be reached: with {num_tokens} input tokens, {num_layers} layers and "
             f"{num_protected} protected token(s) the reachable range is [{lowest}, {num_tokens}]"
         )
-    return list(_even_schedule(num_tokens, num_layers, num_protected, target))
+    if torch.compiler.is_compiling():  # dynamo would trace through the cache (and warn): solve it in the trace
+        return list(_even_schedule(num_tokens, num_layers, num_protected, target))
+    return list(_cached_even_schedule(num_tokens, num_layers, num_protected, target))
 
 
-@functools.lru_cache(maxsize=256)
 def _even_schedule(num_tokens: int, num_layers: int, num_protected: int, target: int) -> tuple[int, ...]:
     def final(schedule: Sequence[int]) -> int:
         return token_counts(num_tokens, schedule, num_protected)[-1] if schedule else num_tokens
@@ -97,3 +100,6 @@ def _even_schedule(num_tokens: int, num_layers: int, num_protected: int, target:
         if final(schedule) == target:
             return tuple(schedule)
     raise AssertionError(f"no schedule reaches {target} tokens")  # impossible: see docstring
+
+
+_cached_even_schedule = functools.lru_cache(maxsize=256)(_even_schedule)
