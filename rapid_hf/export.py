@@ -12,6 +12,7 @@ runs under `onnxruntime` alone (no rapid_hf, no PyTorch). Needs the optional ext
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -102,7 +103,9 @@ def export_onnx(
     wrapper = LogitsForward(model, settings, interpolate).eval()
     example = torch.zeros(batch_size, num_channels, height, width, device=next(model.parameters()).device)
     try:
-        with torch.inference_mode(False), torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+            # torch's exporter trips its own deprecation (nothing a caller can act on)
+            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
             _check_runs_with_logits(model, wrapper, example)
             path.parent.mkdir(parents=True, exist_ok=True)
             program = torch.onnx.export(

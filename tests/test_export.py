@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import numpy as np
 import pytest
@@ -95,14 +96,17 @@ def test_onnx_runs_without_torch_and_matches_pytorch(tiny_models, family, settin
     assert metadata["rapid"] == rapid.to_dict() and metadata["input_shape"] == [2, 3, 32, 32]
 
 
-def test_export_uses_the_models_own_settings_by_default(tiny_models, tmp_path):
+def test_export_uses_the_models_own_settings_by_default_and_warns_nothing(tiny_models, tmp_path):
     model = tiny_models["vit"]
     model.set_rapid(RapidConfig(method="tome", r=3))
     try:
-        path = export_onnx(model, tmp_path / "own.onnx")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            path = export_onnx(model, tmp_path / "own.onnx")
     finally:
         model.set_rapid(RapidConfig())
     assert onnx_metadata(path)["rapid"] == RapidConfig(method="tome", r=3).to_dict()
+    assert not [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, UserWarning))]
 
 
 @pytest.mark.parametrize(
