@@ -9,15 +9,17 @@ modules, at the given batch size, thread count, device and runtime:
 - `layer(N)`: one layer called as the reduced forward calls it (through `__call__`, with a `LayerReduction` and no
   step; every piece runs on four of the model's layers in turn and is divided by their number, so a layer's
   weights are not in the nearest caches, as in a forward: timing one layer over and over kept them cached and
-  underpredicted reduced forwards by 5-11% at batch 1), at every token count of a grid, without and with
-  proportional attention's size bias (the bias switches SDPA off its unmasked path); `mlp(N)`: the MLP residual
-  alone, so that a reducing layer costs `layer(N_in) - mlp(N_in) + mlp(N_out)`;
+  underpredicted reduced forwards by 5-11% at batch 1); the layers are chained (each on the previous one's
+  output, as in a forward: on one fixed input they ran 10-20% faster at batch 16), at every token count of a
+  grid, without and with proportional attention's size bias (the bias switches SDPA off its unmasked path);
+  `mlp(N)`: the MLP residual alone, so that a reducing layer costs `layer(N_in) - mlp(N_in) + mlp(N_out)`;
 - `step(kind, N)`: one reduction step (importance, plan, gather/merge) per kind of step, i.e. per operation of
   `rapid_hf.reduction.steps` (`prune_redundant`, `merge_important`, `prune_similar`, `merge_similar`,
   `merge_crucial`, `merge_energy`, `fuse_topk`) and, for merges, per merge mode (`+mlerp`), removing
   `r = min(step_r, cap)` tokens. It is measured in context: the same layer called with the step, less the layer
-  without it (`layer(N) - mlp(N) + mlp(N - r)`); a step timed on its own on the same tensors took a third to a
-  quarter of that on DeiT-Tiny at batch 1 (warm caches and allocator), and underpredicted forwards by ~14%;
+  without it on the same input (`layer(N) - mlp(N) + mlp(N - r)`); a step timed on its own on the same tensors
+  took a third to a quarter of that on DeiT-Tiny at batch 1 (warm caches and allocator), and underpredicted
+  forwards by ~14%;
 - `embed` and `head(N)` (final norm and classifier on N tokens), and the unreduced model's whole forward, whose
   difference from the sum of its pieces is kept as `overhead_ms` (the backbone's own Python: settings, output
   capture, the output object).
@@ -291,6 +293,19 @@ def _mlp_call(layers: Sequence[Any], hidden: torch.Tensor) -> None:
         layer.mlp_residual(hidden)
 
 
+def _layer_chain(layers: Sequence[Any], hidden: torch.Tensor, sizes: torch.Tensor | None, num_protected: int,
+                 importance_queries: Callable | None) -> None:
+    for layer in layers:  # each layer on the previous one's output, as in a forward
+        reduction = LayerReduction(step=None, sizes=sizes, num_protected=num_protected, prop_attn=True,
+                                   importance_queries=importance_queries)
+        hidden = layer(hidden, None, reduction=reduction)
+
+
+def _mlp_chain(layers: Sequence[Any], hidden: torch.Tensor) -> None:
+    for layer in layers:
+        hidden = layer.mlp_residual(hidden)
+
+
 def _head_call(model: Any, backbone: Any, hidden: torch.Tensor, sizes: torch.Tensor) -> Any:
     last, _ = backbone.finish(hidden, sizes)
     classifier = getattr(model, "classifier", None)
@@ -456,9 +471,13 @@ def _measure(model: Any, batch_size: int, runtime: str, device: torch.device, ro
     for n in grid:
         hidden = hidden_full[:, :n].contiguous()
         ones = hidden.new_ones(batch_size, n, 1, dtype=torch.float32)
-        pieces[f"layer/{n}"] = functools.partial(_layer_call, cycle, hidden, None, num_protected, queries)
-        pieces[f"layer_bias/{n}"] = functools.partial(_layer_call, cycle, hidden, ones, num_protected, queries)
-        pieces[f"mlp/{n}"] = functools.partial(_mlp_call, cycle, hidden)
+        pieces[f"layer/{n}"] = functools.partial(_layer_chain, cycle, hidden, None, num_protected, queries)
+        pieces[f"layer_bias/{n}"] = functools.partial(_layer_chain, cycle, hidden, ones, num_protected, queries)
+        pieces[f"mlp/{n}"] = functools.partial(_mlp_chain, cycle, hidden)
+        # the same on one input each (what the step pieces run on, so that their difference is the step's)
+        pieces[f"solo_layer/{n}"] = functools.partial(_layer_call, cycle, hidden, None, num_protected, queries)
+        pieces[f"solo_layer_bias/{n}"] = functools.partial(_layer_call, cycle, hidden, ones, num_protected, queries)
+        pieces[f"solo_mlp/{n}"] = functools.partial(_mlp_call, cycle, hidden)
         pieces[f"head/{n}"] = functools.partial(_head_call, model, backbone, hidden, ones)
         r = min(step_r, removal_cap(n, num_protected))
         for kind in kinds:
@@ -479,7 +498,7 @@ def _measure(model: Any, batch_size: int, runtime: str, device: torch.device, ro
     _, times, reference_s = _timed_against_reference([pieces[name] for name in names],
                                                      _reference_forward(model, batch_size, device), rounds,
                                                      TIMERS[timer], device, progress, "cost model")
-    per_layer = {name: len(cycle) if name.startswith(("layer", "mlp", "step")) else 1 for name in names}
+    per_layer = {name: len(cycle) if name.startswith(("layer", "mlp", "step", "solo")) else 1 for name in names}
     median = {name: statistics.median(values) * 1e3 / per_layer[name]
               for name, values in zip(names, times, strict=True)}
     spread = {name: _spread(values) for name, values in zip(names, times, strict=True)}
@@ -490,8 +509,8 @@ def _measure(model: Any, batch_size: int, runtime: str, device: torch.device, ro
     def step_curve(kind: str) -> list[float]:
         """The layer with the step, less the same layer without it (attention on n, MLP on n - r)."""
         bias = "layer_bias" if kind.split("+", 1)[0] in MERGING_OPERATIONS or kind == "fuse_topk" else "layer"
-        mlp = curve("mlp")
-        return [median[f"step/{kind}/{n}"] - median[f"{bias}/{n}"] + median[f"mlp/{n}"]
+        mlp = curve("solo_mlp")
+        return [median[f"step/{kind}/{n}"] - median[f"solo_{bias}/{n}"] + median[f"solo_mlp/{n}"]
                 - _interpolate(grid, mlp, n - removed[kind, n]) for n in grid]
 
     layer_ms = curve("layer")
