@@ -22,6 +22,7 @@ difference from ToMe (top-1, agreement, KL) per set and pooled.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -35,12 +36,15 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parents[1]), str(HERE)]  # this checkout's rapid_hf, then photos.py
 
 from photos import pixel_rows, rows_of  # noqa: E402
+from tie_break import similarity_tie_prune_plan  # noqa: E402
 
+import rapid_hf.reduction.steps as steps  # noqa: E402
 from rapid_hf.calibration import calibrate, layer_statistics  # noqa: E402
 from rapid_hf.calibration.search import OBJECTIVES  # noqa: E402
 from rapid_hf.calibration.statistics import auto_switch_layer  # noqa: E402
 from rapid_hf.evaluation.accuracy import Predictions, paired_bootstrap_ci, predict, summarize  # noqa: E402
 from rapid_hf.evaluation.data import make_dataloader  # noqa: E402
+from rapid_hf.evaluation.fidelity import kl_divergence  # noqa: E402
 from rapid_hf.evaluation.loading import load_rapid_model  # noqa: E402
 from rapid_hf.evaluation.variants import Variant  # noqa: E402
 from rapid_hf.reduction.config import RapidConfig  # noqa: E402
@@ -222,6 +226,107 @@ def predict_part(model: Any, image_processor: Any, folder: str, variants: list[V
           flush=True)
 
 
+class _PruningDone(Exception):
+    """Raised before the first merging layer: every eq. (1) plan of the forward has been built."""
+
+
+def tie_rule_moved(model: Any, pixels: torch.Tensor, rapid: RapidConfig, batch_size: int) -> np.ndarray:
+    """Per photo: does the eq. (1) tie rule change any pruning plan of `rapid` on it?
+
+    Runs only RAPID's pruning layers (0..K-1, stopped before layer K) with the library's plan (ties by index) and,
+    at each of them, also builds the plan of the rule the stored predictions were made with (ties by highest
+    similarity, then index; tie_break.py). Where the two remove the same tokens in every pruning layer, the whole
+    forward is the one the stored predictions came from."""
+    switch = rapid.resolved_switch_layer(len(model.vit.layers))
+    moved = np.zeros(len(pixels), dtype=bool)
+    if switch == 0:
+        return moved
+    library_plan = steps.redundancy_prune_plan
+    flags: list[torch.Tensor] = []
+
+    def both_rules(scores: torch.Tensor, r: int, num_protected: int, threshold: float) -> Any:
+        plan = library_plan(scores, r, num_protected, threshold)
+        old = similarity_tie_prune_plan(scores, r, num_protected, threshold)
+        flags.append((plan.removed.sort(dim=-1).values != old.removed.sort(dim=-1).values).any(dim=-1))
+        return plan
+
+    def stop(*_: Any) -> None:
+        raise _PruningDone
+
+    hook = model.vit.layers[switch].register_forward_pre_hook(stop) if switch < len(model.vit.layers) else None
+    steps.redundancy_prune_plan = both_rules
+    try:
+        with torch.inference_mode():
+            for first in range(0, len(pixels), batch_size):
+                flags.clear()
+                with contextlib.suppress(_PruningDone):
+                    model(pixel_values=pixels[first:first + batch_size], rapid=rapid)
+                if flags:
+                    moved[first:first + batch_size] = torch.stack(flags).any(dim=0).numpy()
+    finally:
+        steps.redundancy_prune_plan = library_plan
+        if hook is not None:
+            hook.remove()
+    return moved
+
+
+def rerun_rapid_rows(model: Any, image_processor: Any, folder: str, calibrations: dict[str, dict[str, Any]],
+                     args: argparse.Namespace) -> dict[str, Any]:
+    """Part "rapid": every RAPID row of every saved part (method "rapid": defaults, auto K, protect, the calibrated
+    configs of each stored search, per patch) with the current eq. (1) tie rule, on the report rows of one set,
+    written in place of its saved columns; the other rows keep their saved predictions, and the stored
+    calibration choices are used as they are (no search). The tie rule acts only in RAPID's pruning layers, so
+    each row first runs those layers on every photo (`tie_rule_moved`); the photos where the rule changes a plan
+    are run again in full (top-5 and KL against the unreduced model), the others keep their saved outputs, which
+    are the current code's. Returns, per row, the photos run again and how many changed."""
+    started = time.perf_counter()
+    pixels, _, where = pixel_rows([folder], "report", image_processor, args.batch_size)
+    rows = np.array([row for _, row in where])
+    reference: dict[int, torch.Tensor] = {}
+    summary: dict[str, Any] = {}
+    for part in PARTS:
+        variants = variants_for(calibrations, part)
+        columns = [i for i, v in enumerate(variants) if v.rapid.method == "rapid"]
+        if not columns:
+            continue
+        path = predictions_path(folder, part)
+        saved = {key: value.copy() for key, value in np.load(path, allow_pickle=False).items()}
+        if not np.array_equal(saved["index"], rows):
+            raise ValueError(f"{path.name} covers other photos than this pass")
+        for column in columns:
+            variant = variants[column]
+            moved = np.flatnonzero(tie_rule_moved(model, pixels, variant.rapid, args.batch_size))
+            entry = {"switch_layer": variant.rapid.resolved_switch_layer(len(model.vit.layers)),
+                     "photos_run_again": len(moved), "photos_top1_changed": 0, "photos_top5_changed": 0,
+                     "kl_mean_before": float(saved["kl"][:, column].mean())}
+            with torch.inference_mode():
+                for first in range(0, len(moved), args.batch_size):
+                    chunk = moved[first:first + args.batch_size]
+                    missing = [int(i) for i in chunk if int(i) not in reference]
+                    if missing:
+                        logits = model(pixel_values=pixels[missing], rapid=RapidConfig(method="none")).logits.float()
+                        reference.update(zip(missing, logits, strict=True))
+                    unreduced = torch.stack([reference[int(i)] for i in chunk])
+                    output = model(pixel_values=pixels[chunk], rapid=variant.rapid)
+                    logits = output.logits.float()
+                    counts = list(output.token_counts)
+                    if counts != [c for c in saved["token_counts"][column].tolist() if c >= 0]:
+                        raise RuntimeError(f"{variant.label} {setting_of(variant)}: token counts differ")
+                    ranks = logits.topk(saved["ranks"].shape[2], dim=-1).indices.numpy()
+                    if not np.array_equal(unreduced.topk(ranks.shape[1], dim=-1).indices.numpy(),
+                                          saved["ranks"][chunk, 0]):
+                        raise RuntimeError(f"{path.name}: the unreduced model's top-5 moved")
+                    entry["photos_top1_changed"] += int((saved["ranks"][chunk, 1 + column, 0] != ranks[:, 0]).sum())
+                    entry["photos_top5_changed"] += int((saved["ranks"][chunk, 1 + column] != ranks).any(-1).sum())
+                    saved["ranks"][chunk, 1 + column] = ranks
+                    saved["kl"][chunk, column] = kl_divergence(unreduced, logits).numpy()
+            entry["kl_mean_after"] = float(saved["kl"][:, column].mean())
+            summary[f"{part}: {variant.label} {setting_of(variant)}"] = entry
+            print(f"{Path(folder).name} {part} {variant.label} {setting_of(variant)}: {json.dumps(entry)}", flush=True)
+        np.savez_compressed(path, **saved)
+    return {"seconds": round(time.perf_counter() - started, 1), "photos": len(rows), "rows": summary}
+
+
 def joined(parts: list[Predictions]) -> Predictions:
     """The variants of several passes over the same photos side by side (one reference column)."""
     first = parts[0]
@@ -362,8 +467,9 @@ def main() -> None:
     parser.add_argument("--stage", choices=["calibrate", "evaluate", "all"], default="all")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    parser.add_argument("--part", choices=[*PARTS, "all"], default="all",
-                        help="evaluate only the fixed rows or only the calibrated rows (tables need both saved)")
+    parser.add_argument("--part", choices=[*PARTS, "all", "rapid"], default="all",
+                        help="evaluate only the fixed rows or only the calibrated rows (tables need both saved); "
+                        "rapid: every RAPID row of every part again, in place in the saved predictions")
     parser.add_argument("--objective", choices=OBJECTIVES, default="kl",
                         help="the calibration search's objective (stage calibrate)")
     parser.add_argument("--importance-source", choices=["attention", "per_patch"], default="attention",
@@ -383,6 +489,16 @@ def main() -> None:
     calibrations = {variant: json.loads(calibration_path(variant).read_text())
                     for variant in SEARCHES}
     calibration = calibrations["kl"]
+    if args.part == "rapid":  # RAPID rows again, the stored calibration choices as they are; tables left to
+        log_path = HERE / "rerun_rapid.json"  # --reuse-predictions (each set can run in its own process)
+        for folder in args.data:
+            entry = {"command": command_line(), "torch_threads": torch.get_num_threads(),
+                     **rerun_rapid_rows(model, image_processor, folder, calibrations, args)}
+            log = json.loads(log_path.read_text()) if log_path.is_file() else {}
+            log[Path(folder).name] = entry
+            log_path.write_text(json.dumps(dict(sorted(log.items())), indent=2) + "\n")
+        print("RAPID rows replaced; rebuild the tables with --reuse-predictions", flush=True)
+        return
     parts_to_run = PARTS if args.part == "all" else (args.part,)
     if not args.reuse_predictions:
         for part in parts_to_run:

@@ -1,8 +1,10 @@
 """Does breaking eq. (1) ties by highest similarity change RAPID at the default tau = 0.7?
 
-Runs RAPID (defaults) on every dev photo twice: with the library's tie-break (highest `max_j S_ij`, then index)
-and with the previous one (index only), and counts the images whose logits or top-1 class differ. Also reports,
-per pruning layer, how often the r-th and (r+1)-th most redundant sources tie (the only case the rule matters).
+Runs RAPID (defaults) on every dev photo twice: with the similarity tie-break (highest `max_j S_ij`, then index;
+the library's rule from 0c7afcd until 9c43da2) and with the index-only one (the library's rule before and after),
+and counts the images whose logits or top-1 class differ. Also reports, per pruning layer, how often the r-th and
+(r+1)-th most redundant sources tie (the only case the rule matters). Both plans are defined here, for the
+current `redundancy_scores` (protected source rows at -inf, never pruned); tie_break_choice.py uses them too.
 
     python experiments/pooled_comparison/tie_break.py --model ../shared/assets/deit-tiny-imagenet \
         --data ../shared/assets/imagenet-sample-dev ../shared/assets/imagenet-val-dev --r 8 16
@@ -27,13 +29,20 @@ from rapid_hf.calibration import predict_logits  # noqa: E402
 from rapid_hf.evaluation.loading import load_rapid_model  # noqa: E402
 from rapid_hf.reduction.config import RapidConfig  # noqa: E402
 from rapid_hf.reduction.matching import rank_descending  # noqa: E402
-from rapid_hf.reduction.methods import redundancy_scores  # noqa: E402
+from rapid_hf.reduction.methods import rank_descending_by, redundancy_scores  # noqa: E402
 from rapid_hf.reduction.plan import ReductionPlan, plan_from_ranking  # noqa: E402
 
 
 def index_tie_prune_plan(scores: torch.Tensor, r: int, num_protected: int, threshold: float) -> ReductionPlan:
-    """The previous eq. (1) plan: ties by token index only."""
-    return plan_from_ranking(rank_descending(redundancy_scores(scores, threshold)), r, num_protected, None)
+    """Eq. (1) with ties by token index only (the library's rule since 9c43da2)."""
+    return plan_from_ranking(rank_descending(redundancy_scores(scores, threshold, num_protected)), r, num_protected,
+                             None)
+
+
+def similarity_tie_prune_plan(scores: torch.Tensor, r: int, num_protected: int, threshold: float) -> ReductionPlan:
+    """Eq. (1) with ties by each source's highest similarity `max_j S_ij`, then index (measured, not kept)."""
+    redundancy = redundancy_scores(scores, threshold, num_protected)
+    return plan_from_ranking(rank_descending_by(redundancy, scores.max(dim=-1).values), r, num_protected, None)
 
 
 def main() -> None:
@@ -55,10 +64,10 @@ def main() -> None:
     ties = {"calls": 0, "tied_at_cut": 0}
 
     def counting_plan(scores: torch.Tensor, r: int, num_protected: int, threshold: float) -> ReductionPlan:
-        ranked = redundancy_scores(scores, threshold).sort(dim=-1, descending=True).values
+        ranked = redundancy_scores(scores, threshold, num_protected).sort(dim=-1, descending=True).values
         ties["calls"] += scores.shape[0]
         ties["tied_at_cut"] += int((ranked[:, r - 1] == ranked[:, r]).sum()) if r < ranked.shape[1] else 0
-        return library_plan(scores, r, num_protected, threshold)
+        return similarity_tie_prune_plan(scores, r, num_protected, threshold)
 
     rows = []
     for r in args.r:

@@ -1,7 +1,9 @@
 """Eq. (1) ties: keep the rule the calibration photos favour, with the rule for choosing fixed before running.
 
-The two rules (tie_break.py): the library's (ties among redundancy scores broken by the highest raw similarity
-`max_j S_ij`, then index) and the previous one (index only: the top-left of the image goes first).
+The two rules (tie_break.py): the similarity rule (ties among redundancy scores broken by the highest raw
+similarity `max_j S_ij`, then index; the library's when this first ran) and the index rule (index only: the
+top-left of the image goes first; the library's since 9c43da2, which this decision chose). Both plans come from
+tie_break.py, so the script measures the same two rules whatever the library's rule is.
 
 Decision rule, written before this script first ran: on the 226 calibration photos (row % 5 == 0 of both dev
 sets), RAPID with its paper defaults (tau = 0.7) at r = 8 and r = 16; the rule with the lower mean KL(unreduced ||
@@ -30,6 +32,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parents[1]), str(HERE)]  # this checkout's rapid_hf, then photos.py / tie_break.py
 
 from photos import pixel_rows  # noqa: E402
+from tie_break import index_tie_prune_plan, similarity_tie_prune_plan  # noqa: E402
 
 import rapid_hf.reduction.steps as steps  # noqa: E402
 from rapid_hf.calibration import predict_logits  # noqa: E402
@@ -38,19 +41,10 @@ from rapid_hf.evaluation.fidelity import kl_divergence  # noqa: E402
 from rapid_hf.evaluation.loading import load_rapid_model  # noqa: E402
 from rapid_hf.evaluation.splits import in_subset  # noqa: E402
 from rapid_hf.reduction.config import RapidConfig  # noqa: E402
-from rapid_hf.reduction.matching import rank_descending  # noqa: E402
-from rapid_hf.reduction.methods import redundancy_scores  # noqa: E402
-from rapid_hf.reduction.plan import ReductionPlan, plan_from_ranking  # noqa: E402
 
 SETTINGS = (8, 16)
 THRESHOLD = 0.7
 EXACT_TIE = 1e-7
-
-
-def index_tie_prune_plan(scores: torch.Tensor, r: int, num_protected: int, threshold: float) -> ReductionPlan:
-    """The previous eq. (1) plan: ties by token index only (tie_break.py's, for the current `redundancy_scores`)."""
-    return plan_from_ranking(rank_descending(redundancy_scores(scores, threshold, num_protected)), r, num_protected,
-                             None)
 
 
 def relative(path: str) -> str:
@@ -80,7 +74,7 @@ def main() -> None:
     per_photo = {}
     for r in SETTINGS:
         config = RapidConfig(method="rapid", r=r, prune_threshold=THRESHOLD)
-        for rule, plan in (("similarity", library_plan), ("index", index_tie_prune_plan)):
+        for rule, plan in (("similarity", similarity_tie_prune_plan), ("index", index_tie_prune_plan)):
             steps.redundancy_prune_plan = plan
             try:
                 logits = predict_logits(model, pixels, config, args.batch_size)
