@@ -614,3 +614,15 @@ def test_shipped_cards_quote_exactly_their_measured_records():
         records = [record for path in shipped for record in read_results_file(path).records]
         if records:  # the quoted records are, unchanged, records of the shipped results files
             assert evaluation in records and benchmark in records
+
+
+def test_a_speed_calibrated_model_card_states_target_machine_and_measured_speedup():
+    speed = {"speed_target": 1.6, "predicted_speedup": 1.606, "measured_speedup": 1.579,
+             "machine": {"processor": "Example CPU", "runtime": "eager", "batch_size": 1, "threads": 1}}
+    info = CardInfo(repo_id="me/deit-rapid-fast", base_model="facebook/deit-tiny-patch16-224",
+                    rapid=RapidConfig(method="rapid", r=[0, 0, 0, 70, 0, 0, 0, 69, 0, 0, 0, 69]), speed=speed)
+    text = str(build_model_card(info, MeasuredResults()))
+    assert "Calibrated to a speed-up of 1.6x" in text and "measured 1.579x" in text and "predicted 1.606x" in text
+    assert "on Example CPU, runtime eager, batch 1, threads 1" in text
+    plain = str(build_model_card(CardInfo(repo_id="me/x", base_model=None, rapid=RapidConfig(r=8)), MeasuredResults()))
+    assert "Calibrated to a speed-up" not in plain

@@ -156,7 +156,15 @@ def card_info(args: argparse.Namespace):
         model_note=args.model_note,
         settings_source=args.settings_source,
         overrides=args.overrides,
+        speed=saved_speed(args.model),
     )
+
+
+def saved_speed(model: str) -> dict[str, Any] | None:
+    """The `rapid_speed` record of a model calibrated to a speed target (its config.json), None otherwise."""
+    from transformers import AutoConfig
+
+    return getattr(AutoConfig.from_pretrained(model), "rapid_speed", None)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -39,6 +39,10 @@ METHOD_TEXT: dict[str, tuple[str, str]] = {
                      "(MLERP) merging."),
     "crucial": ("crucial-token merging", "the least important tokens (by the attention of the CLS token) are merged "
                                          "into the most important, crucial, ones."),
+    "pitome": ("PiToMe", "the tokens with the highest energy (similarity to many others) are merged bipartitely, the "
+                         "low-energy ones are protected (spectrum-preserving token merging)."),
+    "topk": ("top-k fusion", "the most important tokens (by attention) are kept and the least important are fused "
+                             "into one token, weighted by their attention (EViT-style, training-free)."),
     "none": ("no reduction", "the unreduced model, packaged with the same code."),
 }
 
@@ -80,6 +84,8 @@ class CardInfo:
     model_note: str | None = None
     settings_source: str = "defaults"
     overrides: Mapping[str, Any] | None = None
+    speed: Mapping[str, Any] | None = None
+    """`rapid_speed` of a model calibrated to a speed target (`rapid-hf calibrate --speedup`), or None."""
 
     def __post_init__(self) -> None:
         if self.rapid.method not in METHOD_TEXT:
@@ -241,7 +247,7 @@ def build_model_card(info: CardInfo, results: MeasuredResults, template_path: Pa
         base_model_text=base_text,
         method_title=method_title,
         method_summary=method_summary,
-        setting=setting_text(info.rapid),
+        setting=setting_text(info.rapid) + speed_text(info.speed),
         results_table=table,
         results_note=_results_note(results) if table else "",
         provenance=_provenance(results, info),
@@ -250,6 +256,20 @@ def build_model_card(info: CardInfo, results: MeasuredResults, template_path: Pa
         transformers_range=TESTED_TRANSFORMERS,
         rapid_json=json.dumps(info.rapid.to_dict(), indent=2),
     )
+
+
+def speed_text(speed: Mapping[str, Any] | None) -> str:
+    """The card's sentence on a speed-calibrated model: the target, where it was measured and what was measured."""
+    if not speed:
+        return ""
+    machine = speed.get("machine") or {}
+    labels = (("processor", "on"), ("runtime", "runtime"), ("batch_size", "batch"), ("threads", "threads"))
+    where = ", ".join(f"{label} {machine[key]}" for key, label in labels if machine.get(key))
+    measured = speed.get("measured_speedup")
+    outcome = "not measured" if measured is None else f"measured {_format(measured)}x"
+    return (f" Calibrated to a speed-up of {_format(speed.get('speed_target'))}x over the unreduced model "
+            f"({where}): {outcome}, predicted {_format(speed.get('predicted_speedup'))}x by the cost model; "
+            "speed-ups hold for that machine and runtime only.")
 
 
 def card_metrics(card: ModelCard) -> dict[str, Any]:
