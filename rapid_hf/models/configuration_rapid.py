@@ -133,6 +133,22 @@ class RapidConfigMixin:
         )
 
 
+class TowerConfigMixin(RapidConfigMixin):
+    """A Rapid config of a two-tower model (CLIP, SigLIP): only the vision tower, `vision_config`, is reduced."""
+
+    @property
+    def encoder_config(self) -> Any:
+        return self.vision_config
+
+    def _encoder_config_ready(self) -> bool:
+        return "vision_config" in self.__dict__ and hasattr(self.__dict__["vision_config"], "num_hidden_layers")
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        super().__post_init__(**kwargs)
+        if self.rapid is not None:  # set before the vision config existed: check it now
+            self.validate_rapid(as_rapid_config(self.rapid))
+
+
 def as_rapid_config(settings: RapidConfig | Mapping[str, Any] | None) -> RapidConfig:
     """Reduction settings given as a `RapidConfig`, its dict (as in config.json) or None (no reduction)."""
     if settings is None:

@@ -193,6 +193,27 @@ class ReducingLayerMixin:
         return probe.keys, probe.query
 
 
+class OutProjAttentionMixin(ReducingAttentionMixin):
+    """`ReducingAttentionMixin` for attention that names its parts `out_proj`, `scale` and `dropout` (CLIP, SigLIP)."""
+
+    output_projection = "out_proj"
+    scaling_attribute = "scale"
+    dropout_attribute = "dropout"
+
+
+class SelfAttnLayerMixin(ReducingLayerMixin):
+    """Layers computed as `x + self_attn(layer_norm1(x))`, then `x + mlp(layer_norm2(x))` (CLIP, SigLIP)."""
+
+    attention_module_name = "self_attn"
+
+    def attention_residual(self, hidden_states: Tensor, attention_mask: Tensor | None, **kwargs: Any) -> Tensor:
+        attended, _ = self.self_attn(self.layer_norm1(hidden_states), attention_mask, **kwargs)
+        return hidden_states + attended
+
+    def mlp_residual(self, hidden_states: Tensor) -> Tensor:
+        return hidden_states + self.mlp(self.layer_norm2(hidden_states))
+
+
 def _reduction_range() -> contextlib.AbstractContextManager:
     """A profiler range around the reduction step while a profiler records (opening one costs ~10-20 us, a few
     percent of a batch-1 forward); never under `torch.compile`, which would only warn about it."""

@@ -34,12 +34,12 @@ from transformers.models.clip.modeling_clip import (
 from transformers.models.clip.modeling_clip import eager_attention_forward as clip_eager_attention
 from transformers.utils.generic import can_return_tuple
 
-from rapid_hf.models.configuration_rapid import RapidConfigMixin, as_pair, as_rapid_config
+from rapid_hf.models.configuration_rapid import RapidConfigMixin, TowerConfigMixin, as_pair
 from rapid_hf.models.encoder import RapidHeadMixin, ReducedBackboneMixin
 from rapid_hf.models.family import AUTO_MODEL, AUTO_ZERO_SHOT, Family, register_family
 from rapid_hf.models.layers import (
-    ReducingAttentionMixin,
-    ReducingLayerMixin,
+    OutProjAttentionMixin,
+    SelfAttnLayerMixin,
     inherit_checkpoint_conversions,
     swap_module_classes,
 )
@@ -61,7 +61,7 @@ class RapidCLIPVisionConfig(RapidConfigMixin, CLIPVisionConfig):
     rapid: dict | None = None
 
 
-class RapidCLIPConfig(RapidConfigMixin, CLIPConfig):
+class RapidCLIPConfig(TowerConfigMixin, CLIPConfig):
     """`CLIPConfig` plus `rapid`: the reduction of the vision tower (the text tower is never reduced)."""
 
     model_type = "rapid_clip"
@@ -71,39 +71,17 @@ class RapidCLIPConfig(RapidConfigMixin, CLIPConfig):
 
     rapid: dict | None = None
 
-    @property
-    def encoder_config(self) -> Any:
-        return self.vision_config
-
-    def _encoder_config_ready(self) -> bool:
-        return isinstance(self.__dict__.get("vision_config"), CLIPVisionConfig)
-
-    def __post_init__(self, **kwargs: Any) -> None:
-        super().__post_init__(**kwargs)
-        if self.rapid is not None:  # set before the vision config existed: check it now
-            self.validate_rapid(as_rapid_config(self.rapid))
 
 
-class RapidCLIPAttention(ReducingAttentionMixin, CLIPAttention):
+class RapidCLIPAttention(OutProjAttentionMixin, CLIPAttention):
     """`CLIPAttention` that also returns its keys and query (vision tower only)."""
 
-    output_projection = "out_proj"
-    scaling_attribute = "scale"
-    dropout_attribute = "dropout"
     eager_attention = staticmethod(clip_eager_attention)
 
 
-class RapidCLIPEncoderLayer(ReducingLayerMixin, CLIPEncoderLayer):
+class RapidCLIPEncoderLayer(SelfAttnLayerMixin, CLIPEncoderLayer):
     """`CLIPEncoderLayer` with a reduction step between attention and MLP."""
 
-    attention_module_name = "self_attn"
-
-    def attention_residual(self, hidden_states: Tensor, attention_mask: Tensor | None, **kwargs: Any) -> Tensor:
-        attended, _ = self.self_attn(self.layer_norm1(hidden_states), attention_mask, **kwargs)
-        return hidden_states + attended
-
-    def mlp_residual(self, hidden_states: Tensor) -> Tensor:
-        return hidden_states + self.mlp(self.layer_norm2(hidden_states))
 
 
 MODULE_CLASSES: dict[type, type] = {CLIPAttention: RapidCLIPAttention, CLIPEncoderLayer: RapidCLIPEncoderLayer}

@@ -41,12 +41,12 @@ from transformers.models.siglip.modeling_siglip import (
 from transformers.models.siglip.modeling_siglip import eager_attention_forward as siglip_eager_attention
 from transformers.utils.generic import can_return_tuple
 
-from rapid_hf.models.configuration_rapid import RapidConfigMixin, as_pair, as_rapid_config
+from rapid_hf.models.configuration_rapid import RapidConfigMixin, TowerConfigMixin, as_pair
 from rapid_hf.models.encoder import RapidHeadMixin, ReducedBackboneMixin
 from rapid_hf.models.family import AUTO_CLASSIFIER, AUTO_MODEL, AUTO_ZERO_SHOT, Family, register_family
 from rapid_hf.models.layers import (
-    ReducingAttentionMixin,
-    ReducingLayerMixin,
+    OutProjAttentionMixin,
+    SelfAttnLayerMixin,
     inherit_checkpoint_conversions,
     swap_module_classes,
 )
@@ -66,7 +66,7 @@ class RapidSiglipVisionConfig(RapidConfigMixin, SiglipVisionConfig):
     rapid: dict | None = None
 
 
-class RapidSiglipConfig(RapidConfigMixin, SiglipConfig):
+class RapidSiglipConfig(TowerConfigMixin, SiglipConfig):
     """`SiglipConfig` plus `rapid`: the reduction of the vision tower (the text tower is never reduced)."""
 
     model_type = "rapid_siglip"
@@ -79,39 +79,17 @@ class RapidSiglipConfig(RapidConfigMixin, SiglipConfig):
 
     rapid: dict | None = None
 
-    @property
-    def encoder_config(self) -> Any:
-        return self.vision_config
-
-    def _encoder_config_ready(self) -> bool:
-        return isinstance(self.__dict__.get("vision_config"), SiglipVisionConfig)
-
-    def __post_init__(self, **kwargs: Any) -> None:
-        super().__post_init__(**kwargs)
-        if self.rapid is not None:  # set before the vision config existed: check it now
-            self.validate_rapid(as_rapid_config(self.rapid))
 
 
-class RapidSiglipAttention(ReducingAttentionMixin, SiglipAttention):
+class RapidSiglipAttention(OutProjAttentionMixin, SiglipAttention):
     """`SiglipAttention` that also records its keys and query (vision tower only)."""
 
-    output_projection = "out_proj"
-    scaling_attribute = "scale"
-    dropout_attribute = "dropout"
     eager_attention = staticmethod(siglip_eager_attention)
 
 
-class RapidSiglipEncoderLayer(ReducingLayerMixin, SiglipEncoderLayer):
+class RapidSiglipEncoderLayer(SelfAttnLayerMixin, SiglipEncoderLayer):
     """`SiglipEncoderLayer` with a reduction step between attention and MLP."""
 
-    attention_module_name = "self_attn"
-
-    def attention_residual(self, hidden_states: Tensor, attention_mask: Tensor | None, **kwargs: Any) -> Tensor:
-        attended, _ = self.self_attn(self.layer_norm1(hidden_states), attention_mask, **kwargs)
-        return hidden_states + attended
-
-    def mlp_residual(self, hidden_states: Tensor) -> Tensor:
-        return hidden_states + self.mlp(self.layer_norm2(hidden_states))
 
 
 class RapidSiglipMultiheadAttentionPoolingHead(SiglipMultiheadAttentionPoolingHead):
