@@ -237,3 +237,14 @@ def test_calibrate_to_a_speedup_end_to_end(tmp_path, capsys):
     assert log["target_speedup"] == 1.1 and "cost_model" in log and log["trials"]
     reloaded = RapidViTForImageClassification.from_pretrained(out_dir)
     assert reloaded.rapid.r == saved["rapid"]["r"]
+
+
+def test_pieces_adding_up_to_more_than_the_measured_forward_scale_down_never_below_zero():
+    """On a busy machine the pieces (timed apart) can add up to more than the unreduced forward timed later: the
+    difference is taken out in proportion, so a reduced prediction stays positive and below the unreduced one."""
+    cost = fake_model(stock_ms=10.0).refit()  # the pieces add up to 31.5 ms
+    assert cost.overhead_ms == 0 and cost.scale == pytest.approx(10.0 / 31.5)
+    assert cost.predict_ms(RapidConfig(method="none")) == pytest.approx(10.0)
+    reduced = cost.predict_ms(RapidConfig(method="tome", r=8))
+    assert 0 < reduced < 10.0
+    assert fake_model(stock_ms=40.0).refit().overhead_ms == pytest.approx(40.0 - 31.5)  # below: the overhead

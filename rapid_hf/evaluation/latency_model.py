@@ -27,7 +27,8 @@ modules, at the given batch size, thread count, device and runtime:
 Each curve is a least-squares quadratic in the token count through its grid points (`fit="quadratic"`, the
 default: attention grows with N^2, the rest with N, and one noisy point on a busy machine moves a fitted curve less
 than an interpolated one), or piecewise-linear interpolation (`fit="linear"`). `overhead_ms` is set so that the
-unreduced prediction equals the measured unreduced forward.
+unreduced prediction equals the measured unreduced forward (or, when the pieces add up to more than it, `scale`
+shrinks them in proportion, so no prediction can go negative).
 Every piece is timed in one interleaved loop (each round times every piece once, the order alternating), each
 piece repeated enough times per round to take a few milliseconds, with a short fixed reference piece timed between
 consecutive pieces: each time is divided by the reference times around it (times their median), so a shared
@@ -175,6 +176,9 @@ class LatencyModel:
     spread: dict[str, float] = field(default_factory=dict)
     fit: str = "quadratic"
     reference_ms: float = 0.0
+    scale: float = 1.0
+    """Factor on the pieces when their unreduced sum exceeds the measured unreduced forward (a busier moment of a
+    shared machine): the difference is then taken out in proportion, never as a negative overhead."""
 
     def __post_init__(self) -> None:
         if self.fit not in FITS:
@@ -196,8 +200,12 @@ class LatencyModel:
     def refit(self, fit: str | None = None) -> LatencyModel:
         """A copy using `fit` (default: this one's) whose `overhead_ms` makes the unreduced prediction equal the
         measured unreduced forward (`stock_ms`)."""
-        copy = LatencyModel.from_dict({**self.to_dict(), "fit": fit or self.fit, "overhead_ms": 0.0})
-        copy.overhead_ms = self.stock_ms - copy.predict_ms(RapidConfig(method="none"))
+        copy = LatencyModel.from_dict({**self.to_dict(), "fit": fit or self.fit, "overhead_ms": 0.0, "scale": 1.0})
+        pieces = copy.predict_ms(RapidConfig(method="none"))
+        if self.stock_ms >= pieces:
+            copy.overhead_ms = self.stock_ms - pieces
+        elif pieces > 0:
+            copy.scale = self.stock_ms / pieces
         return copy
 
     # --- pieces ---
@@ -235,7 +243,7 @@ class LatencyModel:
             if kind is not None:
                 merged = merged or self.sets_sizes.get(kind.split("+", 1)[0], True)
         head = self._value("head", self.head_ms, counts[-1] if counts else self.num_tokens)
-        total = self.embed_ms + self.overhead_ms + head + sum(layers) + sum(step_times)
+        total = self.scale * (self.embed_ms + head + sum(layers) + sum(step_times)) + self.overhead_ms
         return {"embed_ms": self.embed_ms, "overhead_ms": self.overhead_ms, "head_ms": head, "layer_ms": layers,
                 "step_ms": step_times, "token_counts": counts, "total_ms": total}
 
