@@ -1,4 +1,4 @@
-"""Hand-checkable cases for the pure reduction functions (DESIGN.md eq. 1-4, ToMe, ToFu, MLERP, schedules)."""
+"""Hand-checkable cases for the pure reduction functions (docs/METHOD.md eq. 1-4, ToMe, ToFu, MLERP, schedules)."""
 
 from __future__ import annotations
 
