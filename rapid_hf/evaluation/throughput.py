@@ -257,22 +257,26 @@ class TimeLimitExceeded(Exception):
 
 
 @contextlib.contextmanager
-def time_limit(seconds: float | None) -> Iterator[None]:
+def time_limit(seconds: float | None) -> Iterator[list[str]]:
     """Raise `TimeLimitExceeded` in the block after `seconds`, and again every half second until it ends (a
-    compiler may swallow the first one). SIGALRM: main thread of a Unix process only; elsewhere, or with None or
-    0, no limit."""
+    compiler may swallow the first one). Yields a list that holds the message once the limit has passed (a
+    compiler may also re-raise it as its own error type). SIGALRM: main thread of a Unix process only; elsewhere,
+    or with None or 0, no limit."""
+    expired: list[str] = []
     usable = seconds and hasattr(signal, "SIGALRM") and threading.current_thread() is threading.main_thread()
     if not usable:
-        yield
+        yield expired
         return
 
     def expire(signum: int, frame: Any) -> None:
-        raise TimeLimitExceeded(f"did not finish within {seconds:g} s")
+        message = f"did not finish within {seconds:g} s"
+        expired[:] = [f"{TimeLimitExceeded.__name__}: {message}"]
+        raise TimeLimitExceeded(message)
 
     previous = signal.signal(signal.SIGALRM, expire)
     signal.setitimer(signal.ITIMER_REAL, seconds, 0.5)
     try:
-        yield
+        yield expired
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
@@ -293,12 +297,13 @@ def first_call(forward: Callable[[], Any], device: str | torch.device = "cpu",
     call): (output or None, seconds, None or the error as one line)."""
     device = torch.device(device)
     start = time.perf_counter()
+    expired: list[str] = []
     try:
-        with quiet(), time_limit(timeout_s):
+        with quiet(), time_limit(timeout_s) as expired:
             output = forward()
             _synchronize(device)
     except Exception as error:
-        return None, time.perf_counter() - start, one_line(error)
+        return None, time.perf_counter() - start, expired[0] if expired else one_line(error)
     return output, time.perf_counter() - start, None
 
 
