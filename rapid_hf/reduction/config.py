@@ -188,7 +188,7 @@ FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in fields(RapidConfig))
 
 
 def static_ints(config: RapidConfig) -> RapidConfig:
-    """`config` with each of its ints made a compile-time constant; for use under `torch.compile` only.
+    """`config` with each of its numbers made a compile-time constant; for use under `torch.compile` only.
 
     Settings reach a compiled forward as inputs (the model's `config.rapid` or a per-call `rapid=`), and dynamo's
     automatic dynamic shapes turns an input int that changed since the last compile (r=8, then r=16) into a
@@ -200,10 +200,13 @@ def static_ints(config: RapidConfig) -> RapidConfig:
     def static(value: Any) -> Any:
         if _is_int(value):
             return operator.index(value)
+        if isinstance(value, float):  # a float that changed between calls would become symbolic too
+            numerator, denominator = value.as_integer_ratio()
+            return operator.index(numerator) / operator.index(denominator)
         if isinstance(value, list):
             return [operator.index(item) for item in value]
         if isinstance(value, tuple):
-            return (operator.index(value[0]), value[1])
+            return (operator.index(value[0]), static(value[1]))
         return value
 
     return RapidConfig(**{name: static(getattr(config, name)) for name in FIELD_NAMES})
