@@ -105,14 +105,22 @@ def test_bad_rows_are_usage_errors(tiny_vit, capsys):
         assert message in capsys.readouterr().err
 
 
-def test_the_checkout_needs_no_wrapper_scripts():
-    """scripts/ held thin wrappers of the subcommands; `python -m rapid_hf.cli COMMAND` runs them from a checkout,
-    so the folder is gone and the README points there instead."""
-    assert not (REPO_ROOT / "scripts").exists()
+def test_scripts_regenerate_results_and_wrap_no_subcommand():
+    """scripts/ holds what the CLI does not give (regenerating the shipped results), never wrappers of the
+    subcommands: `python -m rapid_hf.cli COMMAND` runs those from a checkout, and the README points there."""
+    assert sorted(path.name for path in (REPO_ROOT / "scripts").iterdir()) == ["regenerate_results.py"]
     readme = (REPO_ROOT / "README.md").read_text()
-    assert "python scripts/" not in readme and "python -m rapid_hf.cli" in readme
+    assert "python -m rapid_hf.cli" in readme and "scripts/regenerate_results.py" in readme
     completed = run_cli("evaluate", "--help")
     assert completed.returncode == 0 and "usage: rapid-hf evaluate" in completed.stdout
+    script = [sys.executable, str(REPO_ROOT / "scripts" / "regenerate_results.py")]
+    listed = subprocess.run([*script, "--list"], capture_output=True, text=True, check=True).stdout
+    assert "model_cards:" in listed and "rapid-hf push" in listed and "best_baseline:" in listed
+    dry = subprocess.run([*script, "--all", "--dry-run"], capture_output=True, text=True, check=True).stdout
+    for command in re.findall(r"python (\S+\.py)", dry):  # every recorded study script exists
+        assert (REPO_ROOT / command).is_file(), command
+    bad = subprocess.run([*script, "no_such_entry"], capture_output=True, text=True, check=False)
+    assert bad.returncode == 2 and "unknown entries ['no_such_entry']" in bad.stderr
 
 
 # --- the model's own settings --------------------------------------------------------------------------------
