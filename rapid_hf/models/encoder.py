@@ -180,8 +180,8 @@ class ReducedBackboneMixin(RapidSettingsMixin):
     """The reduced forward of a backbone (`ViTModel`, `SiglipVisionTransformer`, ...), shared by every family.
 
     A family's backbone provides the members below that have no default (the family protocol, see
-    docs/ADDING_A_FAMILY.md): `reducing_layers`, `pixel_geometry`, `embedding_dtype`, `embed` and `finish`;
-    and may override `importance_queries`, `always_interpolates_positions`, `carried_tokens` and
+    docs/ADDING_A_FAMILY.md): `reducing_layers`, `embedding_dtype`, `embed` and `finish`; and may override
+    `pixel_geometry`, `importance_queries`, `always_interpolates_positions`, `carried_tokens` and
     `layer_arguments`. Which tokens are protected is its config's to say (`config_class.protected_tokens`).
     """
 
@@ -194,8 +194,9 @@ class ReducedBackboneMixin(RapidSettingsMixin):
         raise NotImplementedError(f"{type(self).__name__} must name its layers (reducing_layers)")
 
     def pixel_geometry(self) -> tuple[int, Any, Any]:
-        """`(num_channels, patch_size, image_size)` the pixel values are checked against."""
-        raise NotImplementedError(f"{type(self).__name__} must implement pixel_geometry")
+        """`(num_channels, patch_size, image_size)` the pixel values are checked against: the backbone config's
+        (every supported family names them so); override where a family's config does not."""
+        return self.config.num_channels, as_pair(self.config.patch_size), as_pair(self.config.image_size)
 
     @property
     def embedding_dtype(self) -> torch.dtype:

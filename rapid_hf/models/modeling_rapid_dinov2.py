@@ -123,10 +123,6 @@ class _Dinov2BackboneMixin(ReducedBackboneMixin):
     def reducing_layers(self) -> nn.ModuleList:
         return self.encoder.layer
 
-    def pixel_geometry(self) -> tuple[int, Any, Any]:
-        patches = self.embeddings.patch_embeddings
-        return patches.num_channels, patches.patch_size, patches.image_size
-
     @property
     def embedding_dtype(self) -> torch.dtype:
         return self.embeddings.patch_embeddings.projection.weight.dtype

@@ -151,9 +151,6 @@ class _DINOv3BackboneMixin(ReducedBackboneMixin):
     def reducing_layers(self) -> nn.ModuleList:
         return self.model.layer
 
-    def pixel_geometry(self) -> tuple[int, Any, Any]:
-        return self.config.num_channels, as_pair(self.config.patch_size), as_pair(self.config.image_size)
-
     @property
     def embedding_dtype(self) -> torch.dtype:
         return self.embeddings.patch_embeddings.weight.dtype

@@ -41,7 +41,7 @@ from transformers.models.siglip.modeling_siglip import (
 from transformers.models.siglip.modeling_siglip import eager_attention_forward as siglip_eager_attention
 from transformers.utils.generic import can_return_tuple
 
-from rapid_hf.models.configuration_rapid import RapidConfigMixin, TowerConfigMixin, as_pair
+from rapid_hf.models.configuration_rapid import RapidConfigMixin, TowerConfigMixin
 from rapid_hf.models.encoder import RapidHeadMixin, ReducedBackboneMixin
 from rapid_hf.models.family import AUTO_CLASSIFIER, AUTO_MODEL, AUTO_ZERO_SHOT, Family, register_family
 from rapid_hf.models.layers import (
@@ -146,9 +146,6 @@ class RapidSiglipVisionModel(ReducedBackboneMixin, SiglipVisionModel):
     @property
     def embedding_dtype(self) -> torch.dtype:
         return self.embeddings.patch_embedding.weight.dtype
-
-    def pixel_geometry(self) -> tuple[int, Any, Any]:
-        return self.config.num_channels, as_pair(self.config.patch_size), as_pair(self.config.image_size)
 
     def embed(self, pixel_values: Tensor, bool_masked_pos: Tensor | None, interpolate_pos_encoding: bool) -> Tensor:
         if bool_masked_pos is not None:
