@@ -20,7 +20,8 @@ import torch
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-ASSETS = Path(os.environ.get("RAPID_HF_ASSETS", REPO_ROOT.parent / "shared" / "assets"))
+# absolute, so that a relative RAPID_HF_ASSETS (as the experiments' commands give it) holds in any working directory
+ASSETS = Path(os.environ.get("RAPID_HF_ASSETS", REPO_ROOT.parent / "shared" / "assets")).resolve()
 
 
 def require_asset(relative: str) -> Path:

@@ -99,17 +99,18 @@ def test_repeated_calls_never_recompile_and_each_per_call_setting_compiles_once(
         # New settings, r and float knobs among them: one graph each, with static token counts (a number that
         # changed between calls would otherwise become a symbol, see `static_ints`), and the same results as eager
         other_knobs = RapidConfig(method="rapid", r=9, switch_layer=1, prune_threshold=0.3, importance_weight=10.0)
+        few_points = RapidConfig(method="rapid", r=12, switch_layer=1, reduce_every=2)
         for call in (settings("rapid"), settings("rapid"), RapidConfig(method="rapid", r=9, switch_layer=1),
-                     other_knobs, tome):
+                     other_knobs, few_points, tome):
             expected = model(pixel_values=pixel_values, rapid=call)
             got = compiled(pixel_values=pixel_values, rapid=call)
             assert got.token_counts == expected.token_counts
             torch.testing.assert_close(got.logits, expected.logits, atol=1e-5, rtol=0)
-        assert backend.compiles == 4 and backend.symbolic_inputs == 0
+        assert backend.compiles == 5 and backend.symbolic_inputs == 0
         model.set_rapid(settings("rapid"))  # the model's own settings are guarded the same way
         compiled(pixel_values=pixel_values)
         compiled(pixel_values=pixel_values)
-    assert backend.compiles == 5
+    assert backend.compiles == 6
 
 
 def test_inductor_agrees_with_eager():

@@ -54,6 +54,9 @@ INVALID_SETTINGS = [
     ({"output_tokens": -5}, "output_tokens", "an int >= 1"),
     ({"output_tokens": 10.0}, "output_tokens", "an int >= 1"),
     ({"output_tokens": 8, "r": 4}, "output_tokens", "give r or output_tokens, not both"),
+    ({"reduce_every": 0}, "reduce_every", "an int >= 1"),
+    ({"reduce_every": 2.0}, "reduce_every", "an int >= 1"),
+    ({"reduce_every": 2, "r": [1, 0, 1, 0]}, "reduce_every", "1 when r is a per-layer list"),
     ({"switch_layer": -1}, "switch_layer", "an int >= 0"),
     ({"switch_layer": 2.0}, "switch_layer", "an int >= 0"),
     ({"switch_layer": "late"}, "switch_layer", "an int >= 0"),
@@ -80,6 +83,8 @@ INVALID_FOR_MODEL = [
     ({"switch_layer": 5}, "switch_layer", "an int in [0, 4]"),
     ({"output_tokens": 18}, "output_tokens", "reachable range is [2, 17]"),
     ({"output_tokens": 1}, "output_tokens", "reachable range is [2, 17]"),
+    ({"reduce_every": 5, "r": 2}, "reduce_every", "an int in [1, 4]"),
+    ({"reduce_every": 2, "output_tokens": 3}, "output_tokens", "reachable range is [5, 17]"),
 ]
 
 
@@ -122,6 +127,7 @@ def test_from_dict_rejects_non_mappings(data):
     "settings",
     [{"method": m, "r": 2} for m in METHODS]
     + [{"r": [0, 1, 2, 3]}, {"r": (2, 0.5)}, {"r": (2, -1.0)}, {"output_tokens": 5}, {"switch_layer": 4},
+       {"r": 4, "reduce_every": 2}, {"output_tokens": 9, "reduce_every": 3},
        {"r": 2, "importance_source": "per_patch"}],
     ids=lambda s: ",".join(f"{k}={v!r}" for k, v in s.items()),
 )

@@ -19,8 +19,8 @@ from rapid_hf.reduction.methods import (
     rank_descending_by,
     redundancy_prune_plan,
 )
-from rapid_hf.reduction.schedule import expand_schedule
-from rapid_hf.reduction.steps import LayerStep, build_plan, layer_operation, layer_steps
+from rapid_hf.reduction.schedule import expand_schedule, token_counts
+from rapid_hf.reduction.steps import LayerStep, build_plan, layer_operation, layer_steps, requested_schedule
 
 NEG = -math.inf
 
@@ -46,6 +46,23 @@ def test_rapid_default_switch_layer_is_unchanged():
 
 
 # --- ToMe's r conventions: a tuple is always the linear schedule, a list is per layer ----------------------------
+
+
+def test_reduce_every_places_r_on_every_nth_layer_from_the_first():
+    assert requested_schedule(RapidConfig(r=24, reduce_every=3), 197, 12, 1) == [24, 0, 0] * 4
+    linear = requested_schedule(RapidConfig(r=(8, 1.0), reduce_every=4), 197, 12, 1)
+    assert linear == [0, 0, 0, 0, 8, 0, 0, 0, 16, 0, 0, 0]  # ToMe's linear schedule over layers 0, 4, 8
+    steps = layer_steps(RapidConfig(r=24, reduce_every=3), 197, 12, 1)
+    assert [step.operation is not None for step in steps] == [True, False, False] * 4
+    assert [step.operation for step in steps if step.operation] == ["prune_redundant"] * 2 + ["merge_important"] * 2
+
+
+@pytest.mark.parametrize("every", [1, 2, 3, 4])
+@pytest.mark.parametrize("target", [101, 53, 30])
+def test_reduce_every_solves_output_tokens_over_the_reducing_layers_only(every, target):
+    schedule = requested_schedule(RapidConfig(output_tokens=target, reduce_every=every), 197, 12, 1)
+    assert token_counts(197, schedule, 1)[-1] == target
+    assert all(r == 0 for layer, r in enumerate(schedule) if layer % every)
 
 
 def test_tuple_with_int_inflection_is_the_linear_schedule():

@@ -24,7 +24,13 @@ from rapid_hf.calibration.speed import (
     speed_metadata,
     target_from_latency,
 )
-from rapid_hf.evaluation.latency_model import LatencyModel, measure_latency_model, method_step_kinds, step_kind
+from rapid_hf.evaluation.latency_model import (
+    LatencyModel,
+    measure_latency_model,
+    method_step_kinds,
+    step_kind,
+    validate_latency_model,
+)
 
 TINY = {"hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 64,
         "image_size": 32, "patch_size": 4, "num_labels": 10}  # 65 tokens
@@ -161,8 +167,38 @@ def test_measured_cost_model_has_every_piece(tiny_model):
     assert cost.tokens == [65, 20] and set(cost.step_ms) == {"merge_similar"}
     assert cost.sets_sizes == {"merge_similar": True} and cost.machine["runtime"] == "eager"
     assert cost.predict_ms(RapidConfig(method="tome", r=8)) > 0
-    with pytest.raises(ValueError, match="runtime"):
-        measure_latency_model(tiny_model, runtime="onnx")
+    with pytest.raises(ValueError, match="runtime 'tensorrt' is invalid"):
+        measure_latency_model(tiny_model, runtime="tensorrt")
+
+
+@pytest.mark.parametrize("runtime", ["compile", "onnx"])
+def test_cost_model_pieces_run_in_the_runtime_they_predict(tiny_model, runtime, monkeypatch):
+    """Every piece is compiled (inductor) or exported to ONNX and run there; the whole forwards the model is checked
+    against run there too."""
+    from rapid_hf.evaluation import latency_model
+
+    made = []
+    original = latency_model._Runtime.__call__
+
+    def recording(self, piece):
+        forward = original(self, piece)
+        made.append((self.runtime, forward))
+        return forward
+
+    monkeypatch.setattr(latency_model._Runtime, "__call__", recording)
+    cost = measure_latency_model(tiny_model, rounds=1, tokens=[17], step_kinds=["merge_similar"], runtime=runtime)
+    assert cost.machine["runtime"] == runtime and cost.tokens == [17]
+    pieces = 2 + 7 + 1  # embed, stock; per token count 7 pieces and one step
+    assert len(made) == pieces and all(kind == runtime for kind, _ in made)
+    def runner(forward):  # the compiled module, or the session whose `run` the piece calls
+        return type(getattr(forward.func, "__self__", forward.func)).__name__
+
+    assert {runner(forward) for _, forward in made} == {
+        "OptimizedModule" if runtime == "compile" else "InferenceSession"}
+    assert cost.predict_ms(RapidConfig(method="tome", r=2)) > 0
+    made.clear()
+    records = validate_latency_model(tiny_model, cost, [("tome", RapidConfig(method="tome", r=2))], rounds=1)
+    assert len(made) == 2 and records[1]["measured_ms"] > 0
 
 
 @pytest.mark.parametrize(
@@ -174,7 +210,7 @@ def test_measured_cost_model_has_every_piece(tiny_model):
         (["--speedup", "1.5", "--latency-ms", "20"], "not allowed with argument"),
         (["--speedup", "1.5", "--r", "8"], "not allowed with argument"),
         (["--r", "8", "--threads", "1"], "--threads only apply with --speedup or --latency-ms"),
-        (["--speedup", "1.5", "--runtime", "compile"], "eager runtime only"),
+        (["--speedup", "1.5", "--runtime", "tensorrt"], "invalid choice: 'tensorrt'"),
     ],
 )
 def test_speed_flags_are_checked(extra, message, tmp_path, capsys):

@@ -1,8 +1,10 @@
 """Methods compared at equal measured speed: ToMe, ToFu, RAPID (paper's settings) and RAPID calibrated to the
-speed target, on DeiT-Tiny, eager, at batch 1 and 16, at speed-ups of about 1.3x, 1.6x and 2.0x.
+speed target, on DeiT-Tiny, at batch 1 and 16, at speed-ups of about 1.3x, 1.6x and 2.0x, in one runtime (eager
+PyTorch, torch.compile or ONNX Runtime: `--runtime`; the cost model and the timing both run in it).
 
     RAPID_HF_ASSETS=../shared/assets python experiments/equal_speed/run.py
     RAPID_HF_ASSETS=../shared/assets python experiments/equal_speed/run.py --batch-sizes 1 --targets 1.3
+    RAPID_HF_ASSETS=../shared/assets python experiments/equal_speed/run.py --runtime onnx
 
 Per batch size: the cost model (`rapid_hf.evaluation.latency_model`, measured for ToMe/ToFu/RAPID's steps, or
 taken from experiments/latency_model/results.json with --cost-model-from) gives each method the
@@ -11,7 +13,10 @@ RAPID latency-calibrated is `rapid_hf.calibration.speed.speed_calibrate` on the 
 both dev folders; a fixed half of them to bound the search time). Every chosen config is then timed against the
 unreduced model in one interleaved run (medians of per-round ratios) and evaluated on the 904 report photos (the
 other rows): top-1, agreement with the unreduced model, KL, and paired bootstrap intervals (95%) of top-1 and
-agreement against ToMe at the same target. Writes results.json, results.md and equal_speed.png.
+agreement against ToMe at the same target. Writes results.json, results.md and equal_speed.png (with
+`--runtime compile|onnx`: results_RUNTIME.json, .md and equal_speed_RUNTIME.png). Accuracy is computed in eager
+PyTorch for every runtime (the compiled and exported models give the same top-1 on the dev photos:
+experiments/compile/, experiments/onnx_agreement/).
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ TARGETS = (1.3, 1.6, 2.0)
 ROWS = ("tome", "tofu", "rapid", "rapid-latency")
 LABELS = {"tome": "ToMe", "tofu": "ToFu", "rapid": "RAPID (paper)", "rapid-latency": "RAPID latency-calibrated"}
 ROUNDS = {1: 20, 16: 6}
+RUNTIME_NAMES = {"eager": "eager PyTorch", "compile": "torch.compile (inductor)", "onnx": "ONNX Runtime"}
 GRID = {"switch_layer": [0, 2, 4, 6, 8, 12], "prune_threshold": [0.5, 0.7, 0.9],
         "importance_weight": [0.0, 25.0, 50.0, 100.0], "merge_mode": ["mean", "mlerp"]}
 
@@ -63,14 +69,15 @@ def constant_r(cost: LatencyModel, method: str, target: float) -> tuple[RapidCon
     return None
 
 
-def cost_model_for(batch: int, model: Any, measure: bool) -> LatencyModel:
-    path = HERE.parent / "latency_model" / "results.json"
+def cost_model_for(batch: int, model: Any, measure: bool, runtime: str) -> LatencyModel:
+    path = HERE.parent / "latency_model" / ("results.json" if runtime == "eager" else f"results_{runtime}.json")
     if not measure and path.exists():
         results = [r for r in json.loads(path.read_text())["results"] if r["machine"]["batch_size"] == batch]
         if results:
             return LatencyModel.from_dict(results[-1]["latency_model"])
     kinds = sorted({kind for method in ("tome", "tofu", "rapid") for kind in method_step_kinds(method)})
-    return measure_latency_model(model, batch, threads=1, rounds=ROUNDS[batch], timer="process", step_kinds=kinds)
+    return measure_latency_model(model, batch, threads=1, runtime=runtime, rounds=ROUNDS[batch], timer="process",
+                                 step_kinds=kinds)
 
 
 @torch.inference_mode()
@@ -88,7 +95,8 @@ def interval_text(values: list[float] | None, scale: float = 100.0) -> str:
 
 def markdown(results: dict[str, Any]) -> str:
     lines = [f"Produced by:\n\n```\n{results['command']}\n```\n",
-             f"DeiT-Tiny, eager PyTorch, {results['threads']} thread, {results['timer']} clock; report photos: "
+             f"DeiT-Tiny, {RUNTIME_NAMES[results.get('runtime', 'eager')]}, {results['threads']} thread, "
+             f"{results['timer']} clock; report photos: "
              f"{results['report_photos']}; calibration photos for the search: {results['calibration_photos']}. "
              "Speed-up: unreduced time / the row's time, median of the per-round ratios of one interleaved run "
              "per batch size. Deltas: points against ToMe at the same target, paired bootstrap 95% interval.\n"]
@@ -134,7 +142,8 @@ def figure(results: dict[str, Any], path: Path) -> None:
             stock = results["stock_top1"] * 100 if metric == "top1" else 100.0
             ax.plot([1.0], [stock], marker="*", markersize=12, color=METHOD_COLOURS["none"], linestyle="none",
                     label="unreduced")
-            ax.set_xlabel(f"measured speed-up (batch {batch}, eager, 1 thread)")
+            ax.set_xlabel(f"measured speed-up (batch {batch}, {RUNTIME_NAMES[results.get('runtime', 'eager')]}, "
+                          "1 thread)")
             ax.set_ylabel(name)
             ax.grid(alpha=0.3)
             if line == 0 and column == 0:
@@ -153,9 +162,12 @@ def main() -> None:
                         help="take the cost model from experiments/latency_model/results.json instead of measuring it")
     parser.add_argument("--calibration-every", type=int, default=2, help="use every k-th calibration photo")
     parser.add_argument("--timer", choices=["wall", "process"], default="process")
-    parser.add_argument("--output", default=str(HERE / "results.json"))
+    parser.add_argument("--runtime", choices=list(RUNTIME_NAMES), default="eager")
+    parser.add_argument("--output", help="default: results.json (eager) or results_RUNTIME.json")
     parser.add_argument("--resume", action="store_true", help="keep the batch sizes --output already has")
     args = parser.parse_args()
+    if args.output is None:
+        args.output = str(HERE / ("results.json" if args.runtime == "eager" else f"results_{args.runtime}.json"))
     torch.set_num_threads(1)
     command = "RAPID_HF_ASSETS=../shared/assets python experiments/equal_speed/run.py " + " ".join(sys.argv[1:])
     model_path = assets / "deit-tiny-imagenet"
@@ -179,7 +191,8 @@ def main() -> None:
                           "kl": float(kl_divergence(stock_logits, logits).mean())}
         return cache[key]
 
-    results: dict[str, Any] = {"command": command, "threads": 1, "timer": args.timer, "batch_sizes": args.batch_sizes,
+    results: dict[str, Any] = {"command": command, "runtime": args.runtime, "threads": 1, "timer": args.timer,
+                               "batch_sizes": args.batch_sizes,
                                "report_photos": len(report), "calibration_photos": len(calibration),
                                "stock_top1": float((stock_top1 == labels).mean()), "cells": {}}
     output = Path(args.output)
@@ -189,7 +202,7 @@ def main() -> None:
     for batch in args.batch_sizes:
         if str(batch) in results["cells"]:
             continue
-        cost = cost_model_for(batch, model, not args.cost_model_from)
+        cost = cost_model_for(batch, model, not args.cost_model_from, args.runtime)
         rows: list[dict[str, Any]] = []
         for target in args.targets:
             for row in ROWS:
@@ -213,7 +226,8 @@ def main() -> None:
                              "tokens_out": cost.breakdown(config)["token_counts"][-1], **extra})
                 print(f"batch {batch} {target}x {row}: r={config.r} predicted {speedup:.2f}", flush=True)
         configs = [RapidConfig(method="none")] + [RapidConfig.from_dict(row["rapid"]) for row in rows]
-        times = measure_latencies(model, configs, batch, threads=1, rounds=ROUNDS[batch], timer=args.timer)
+        times = measure_latencies(model, configs, batch, threads=1, rounds=ROUNDS[batch], timer=args.timer,
+                                  runtime=args.runtime)
         stock = np.asarray(times[0])
         for row, own in zip(rows, times[1:], strict=True):
             ratios = stock / np.asarray(own)
@@ -235,7 +249,8 @@ def main() -> None:
         results["seconds"] = time.perf_counter() - started
         output.write_text(json.dumps(results, indent=2) + "\n")
         output.with_suffix(".md").write_text(markdown(results))
-        figure(results, HERE / "equal_speed.png")
+        figure(results, output.parent / ("equal_speed.png" if args.runtime == "eager"
+                                         else f"equal_speed_{args.runtime}.png"))
         print(f"batch {batch} done ({results['seconds']:.0f} s)", flush=True)
 
 

@@ -2,10 +2,13 @@
 
     RAPID_HF_ASSETS=../shared/assets python experiments/latency_model/run.py
     RAPID_HF_ASSETS=../shared/assets python experiments/latency_model/run.py --batch-sizes 1 --repeats 1 --timer wall
+    RAPID_HF_ASSETS=../shared/assets python experiments/latency_model/run.py --runtime onnx --repeats 1
 
-For each batch size and repeat: measure the cost model of DeiT-Tiny (eager, 1 thread), then measure the whole
-forward of every method (tome, tofu, rapid, crucial, pitome, topk) at r = 4, 8, 12, 16, plus schedules that reduce
-at a few layers only, interleaved with the unreduced model, and compare with the prediction. Error = predicted /
+For each batch size and repeat: measure the cost model of DeiT-Tiny (1 thread; eager, or with `--runtime` compiled
+by torch.compile or run by ONNX Runtime), then measure the whole forward of every method (tome, tofu, rapid,
+crucial, pitome, topk) at r = 4, 8, 12, 16 (compile/onnx: r = 8, 16, each row compiled or exported once), plus
+schedules that reduce at a few layers only, interleaved with the unreduced model, in the same runtime, and compare
+with the prediction. Error = predicted /
 measured - 1, for the latency and for the speed-up over the unreduced model (the ratio is measured within each
 round, so it is steadier on a busy machine than the latency itself). Writes results.json and results.md.
 """
@@ -43,9 +46,16 @@ SPARSE = {  # schedules that reduce at a few layers only (calibrate --speedup se
 ROUNDS = {"model": {1: 15, 16: 8}, "validate": {1: 20, 16: 8}}
 
 
-def rows() -> list[tuple[str, RapidConfig]]:
-    grid = [(f"{method} r={r}", RapidConfig(method=method, r=r)) for method in METHODS for r in R_VALUES]
-    return grid + list(SPARSE.items())
+# Compiled and exported rows cost a compile or an export each: the benchmark grid's r values and two sparse rows.
+COMPILED_R_VALUES = (8, 16)
+COMPILED_SPARSE = ("rapid every 3rd r=24", "tome every 3rd r=24")
+
+
+def rows(runtime: str = "eager") -> list[tuple[str, RapidConfig]]:
+    r_values = R_VALUES if runtime == "eager" else COMPILED_R_VALUES
+    sparse = SPARSE if runtime == "eager" else {label: SPARSE[label] for label in COMPILED_SPARSE}
+    grid = [(f"{method} r={r}", RapidConfig(method=method, r=r)) for method in METHODS for r in r_values]
+    return grid + list(sparse.items())
 
 
 def rescore(result: dict, fit: str) -> dict:
@@ -106,10 +116,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="cost model + validation repeats per batch size")
     parser.add_argument("--timer", choices=["wall", "process"], default="process")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--output", default=str(HERE / "results.json"))
+    parser.add_argument("--runtime", choices=["eager", "compile", "onnx"], default="eager",
+                        help="where pieces and forwards run (compile/onnx: fewer rows, see COMPILED_R_VALUES)")
+    parser.add_argument("--output", help="default: results.json (eager) or results_RUNTIME.json")
     parser.add_argument("--rescore", choices=["quadratic", "linear"],
                         help="no timing: recompute the predictions of --output's measurements under this fit")
     args = parser.parse_args()
+    if args.output is None:
+        args.output = str(HERE / ("results.json" if args.runtime == "eager" else f"results_{args.runtime}.json"))
     if args.rescore:
         output = Path(args.output)
         saved = json.loads(output.read_text())
@@ -126,10 +140,10 @@ def main() -> None:
     for repeat in range(args.repeats):
         for batch in args.batch_sizes:
             started = time.perf_counter()
-            latency_model = measure_latency_model(model, batch, args.threads, rounds=ROUNDS["model"][batch],
-                                                  timer=args.timer)
+            latency_model = measure_latency_model(model, batch, args.threads, args.runtime,
+                                                  rounds=ROUNDS["model"][batch], timer=args.timer, progress=True)
             model_seconds = time.perf_counter() - started
-            records = validate_latency_model(model, latency_model, rows(), ROUNDS["validate"][batch])
+            records = validate_latency_model(model, latency_model, rows(args.runtime), ROUNDS["validate"][batch])
             results.append({
                 "repeat": repeat + 1, "machine": latency_model.machine, "timer": args.timer,
                 "model_rounds": ROUNDS["model"][batch], "validate_rounds": ROUNDS["validate"][batch],

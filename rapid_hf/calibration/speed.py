@@ -284,18 +284,20 @@ def target_from_latency(cost: CostModel, latency_ms: float) -> float:
 
 
 def measure_speedup(model: Any, rapid: RapidConfig, batch_size: int = 1, threads: int | None = None,
-                    device: str | torch.device = "cpu", rounds: int = 20, timer: str = "wall") -> dict[str, Any]:
-    """`rapid` against the unreduced model, interleaved: median ms of each, the median of the per-round speed-ups,
-    their IQR over the median (`spread`) and the rounds."""
+                    device: str | torch.device = "cpu", rounds: int = 20, timer: str = "wall",
+                    runtime: str = "eager") -> dict[str, Any]:
+    """`rapid` against the unreduced model in `runtime`, interleaved: median ms of each, the median of the per-round
+    speed-ups, their IQR over the median (`spread`) and the rounds."""
     from rapid_hf.evaluation.latency_model import measure_latencies
 
     stock, reduced = measure_latencies(model, [RapidConfig(method="none"), rapid], batch_size, threads, device,
-                                       rounds, timer)
+                                       rounds, timer, runtime=runtime)
     ratios = np.asarray(stock) / np.asarray(reduced)
     low, median, high = np.percentile(ratios, [25, 50, 75])
     return {"speedup": float(median), "spread": float((high - low) / median), "ms": float(np.median(reduced)) * 1e3,
             "stock_ms": float(np.median(stock)) * 1e3, "rounds": rounds, "timer": timer,
-            "batch_size": batch_size, "threads": torch.get_num_threads() if threads is None else threads}
+            "batch_size": batch_size, "threads": torch.get_num_threads() if threads is None else threads,
+            "runtime": runtime}
 
 
 def speed_metadata(result: SpeedCalibrationResult, latency_ms: float | None = None) -> dict[str, Any]:

@@ -40,7 +40,6 @@ NAME = "benchmark"
 HELP = "throughput, speed-up, GFLOPs and peak memory on a synthetic batch"
 RUNTIMES: tuple[str, ...] = ("eager", "compile", "onnx")
 """`rapid_hf.evaluation.throughput.RUNTIMES` (a test keeps them equal; spelled out so --help needs no torch)."""
-ONNX_MODULES = ("onnx", "onnxscript", "onnxruntime")
 
 
 def runtime_name(text: str) -> str:
@@ -83,11 +82,7 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         runtimes.append("compile")
     args.runtime = [name for name in RUNTIMES if name in runtimes]
     if "onnx" in args.runtime:
-        from importlib.util import find_spec
-
-        missing = [name for name in ONNX_MODULES if find_spec(name) is None]
-        if missing:
-            parser.error(f"--runtime onnx needs {', '.join(missing)}: pip install \"rapid_hf[onnx]\"")
+        common.check_onnx_modules(parser)
     if getattr(args, "compile_timeout", 0) < 0:
         parser.error("--compile-timeout must be >= 0 seconds")
     common.check_device(args, parser)

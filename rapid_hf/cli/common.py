@@ -387,6 +387,18 @@ def command_line(command: str, argv: Sequence[str] | None) -> str:
     return " ".join(shlex.quote(part) for part in ["rapid-hf", command, *args])
 
 
+ONNX_MODULES = ("onnx", "onnxscript", "onnxruntime")
+
+
+def check_onnx_modules(parser: argparse.ArgumentParser) -> None:
+    """`--runtime onnx` needs the onnx extra: a one-line usage error naming what is missing."""
+    from importlib.util import find_spec
+
+    missing = [name for name in ONNX_MODULES if find_spec(name) is None]
+    if missing:
+        parser.error(f"--runtime onnx needs {', '.join(missing)}: pip install \"rapid_hf[onnx]\"")
+
+
 def write_outputs(records: list[dict[str, Any]], path: str | Path, columns: list, command: str) -> str:
     """Write the JSON records and the Markdown table (headed by `command`) next to it; return the table."""
     from rapid_hf.evaluation.report import markdown_table, write_json, write_markdown

@@ -42,18 +42,24 @@ where `bias_l` says whether tokens have merged before layer `l` (proportional at
 follow `rapid_hf.reduction.steps.layer_steps` and `rapid_hf.reduction.schedule.token_counts`.
 `validate_latency_model` measures whole forwards of given configs (interleaved) beside their predictions.
 
-Runtime: `"eager"` (PyTorch modules as they are). The compiled and ONNX Runtime paths are not measured by this
-module yet (`RUNTIMES`); a LatencyModel records the runtime it was measured with.
+Runtime (`RUNTIMES`): `"eager"` (PyTorch modules as they are), `"compile"` (each piece compiled by
+`torch.compile(fullgraph=True, dynamic=False)`, inductor, before timing) or `"onnx"` (each piece exported to ONNX
+with static shapes and run by an ONNX Runtime session with torch's thread count). The compiled and exported
+pieces run on a coarser token grid (`COMPILED_GRID_FRACTIONS`: each is compiled or exported once per token
+count); whole forwards checked against the model (`validate_latency_model`, `measure_latencies`) run in the same
+runtime. A LatencyModel records the runtime it was measured with.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
 import os
 import platform
 import statistics
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -61,16 +67,17 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
-from rapid_hf.evaluation.throughput import TIMERS, interleaved_times, time_forward
+from rapid_hf.evaluation.throughput import TIMERS, interleaved_times, quiet, time_forward
 from rapid_hf.models.layers import LayerReduction
 from rapid_hf.reduction.config import RapidConfig
 from rapid_hf.reduction.matching import removal_cap
 from rapid_hf.reduction.schedule import token_counts
 from rapid_hf.reduction.steps import LayerStep, layer_steps
 
-RUNTIMES: tuple[str, ...] = ("eager",)
+RUNTIMES: tuple[str, ...] = ("eager", "compile", "onnx")
 OPERATIONS: tuple[str, ...] = (
     "prune_redundant", "merge_important", "prune_similar", "merge_similar", "merge_crucial", "merge_energy", "fuse_topk"
 )
@@ -82,6 +89,8 @@ OPERATION_METHODS: dict[str, str] = {
 }
 # Token counts of the grid, as fractions of the model's input tokens (197 for a 224 px patch-16 ViT).
 GRID_FRACTIONS: tuple[float, ...] = (1.0, 0.8, 0.62, 0.47, 0.35, 0.25, 0.17, 0.11, 0.06)
+# Fewer for the compiled and ONNX Runtime pieces: each is compiled or exported once per token count.
+COMPILED_GRID_FRACTIONS: tuple[float, ...] = (1.0, 0.75, 0.5, 0.3, 0.15, 0.06)
 DEFAULT_STEP_R = 16
 FITS: tuple[str, ...] = ("quadratic", "linear")
 TARGET_BLOCK_S = 0.004  # each piece is repeated within a round until it takes about this long
@@ -288,30 +297,34 @@ def _repeat(forward: Callable[[], Any], number: int) -> None:
         forward()
 
 
+# Every piece returns what it computed: a compiled or exported piece whose results were dropped would be optimised
+# away, and an exported one needs outputs.
+
+
 def _layer_call(layers: Sequence[Any], hidden: torch.Tensor, sizes: torch.Tensor | None, num_protected: int,
-                importance_queries: Callable | None) -> None:
-    for layer in layers:
-        reduction = LayerReduction(step=None, sizes=sizes, num_protected=num_protected, prop_attn=True,
-                                   importance_queries=importance_queries)
-        layer(hidden, None, reduction=reduction)
+                importance_queries: Callable | None) -> tuple[torch.Tensor, ...]:
+    return tuple(layer(hidden, None, reduction=LayerReduction(step=None, sizes=sizes, num_protected=num_protected,
+                                                              prop_attn=True, importance_queries=importance_queries))
+                 for layer in layers)
 
 
-def _mlp_call(layers: Sequence[Any], hidden: torch.Tensor) -> None:
-    for layer in layers:
-        layer.mlp_residual(hidden)
+def _mlp_call(layers: Sequence[Any], hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return tuple(layer.mlp_residual(hidden) for layer in layers)
 
 
 def _layer_chain(layers: Sequence[Any], hidden: torch.Tensor, sizes: torch.Tensor | None, num_protected: int,
-                 importance_queries: Callable | None) -> None:
+                 importance_queries: Callable | None) -> torch.Tensor:
     for layer in layers:  # each layer on the previous one's output, as in a forward
         reduction = LayerReduction(step=None, sizes=sizes, num_protected=num_protected, prop_attn=True,
                                    importance_queries=importance_queries)
         hidden = layer(hidden, None, reduction=reduction)
+    return hidden
 
 
-def _mlp_chain(layers: Sequence[Any], hidden: torch.Tensor) -> None:
+def _mlp_chain(layers: Sequence[Any], hidden: torch.Tensor) -> torch.Tensor:
     for layer in layers:
         hidden = layer.mlp_residual(hidden)
+    return hidden
 
 
 def _head_call(model: Any, backbone: Any, hidden: torch.Tensor, sizes: torch.Tensor) -> Any:
@@ -321,21 +334,93 @@ def _head_call(model: Any, backbone: Any, hidden: torch.Tensor, sizes: torch.Ten
 
 
 def _layer_step_call(layers: Sequence[Any], hidden: torch.Tensor, sizes: torch.Tensor | None, step: LayerStep,
-                     num_protected: int, importance_queries: Callable | None) -> None:
-    for layer in layers:
-        reduction = LayerReduction(step=step, sizes=sizes, num_protected=num_protected, prop_attn=True,
-                                   importance_queries=importance_queries)
-        layer(hidden, None, reduction=reduction)
+                     num_protected: int, importance_queries: Callable | None) -> tuple[torch.Tensor, ...]:
+    return tuple(layer(hidden, None, reduction=LayerReduction(step=step, sizes=sizes, num_protected=num_protected,
+                                                              prop_attn=True, importance_queries=importance_queries))
+                 for layer in layers)
 
 
-def _whole_call(model: Any, pixel_values: torch.Tensor, rapid: RapidConfig) -> Any:
-    return model(pixel_values=pixel_values, rapid=rapid)
+def _whole_call(model: Any, pixel_values: torch.Tensor, rapid: RapidConfig) -> torch.Tensor:
+    return model(pixel_values=pixel_values, rapid=rapid)[0]
 
 
 def _check_runtime(runtime: str) -> None:
     if runtime not in RUNTIMES:
-        raise ValueError(f"runtime {runtime!r} is not measured by the cost model yet: choose from "
-                         f"{', '.join(RUNTIMES)}")
+        raise ValueError(f"runtime {runtime!r} is invalid: choose from {', '.join(RUNTIMES)}")
+
+
+class _Piece(nn.Module):
+    """A timed piece, `function(*arguments)`, as a module whose inputs are the tensor arguments, so that it can
+    be compiled or exported; `owner` (the model) registers every weight the piece reads."""
+
+    def __init__(self, owner: nn.Module, piece: functools.partial) -> None:
+        super().__init__()
+        self.owner = owner
+        self.function = piece.func
+        self.arguments = list(piece.args)
+        self.slots = [index for index, value in enumerate(piece.args) if isinstance(value, torch.Tensor)]
+
+    def inputs(self) -> tuple[torch.Tensor, ...]:
+        return tuple(self.arguments[index] for index in self.slots)
+
+    def forward(self, *tensors: torch.Tensor) -> Any:
+        arguments = list(self.arguments)
+        for index, tensor in zip(self.slots, tensors, strict=True):
+            arguments[index] = tensor
+        return self.function(*arguments)
+
+
+class _Runtime(contextlib.AbstractContextManager):
+    """Turns each piece into what `runtime` runs: the piece itself (eager), the piece compiled by
+    `torch.compile(fullgraph=True, dynamic=False)` with inductor (compiled in its first call, as in
+    `rapid_hf.evaluation.throughput`), or the piece exported to ONNX (static shapes) and run by an ONNX Runtime
+    session with torch's thread count. Exports live in a temporary folder for the life of the context."""
+
+    def __init__(self, runtime: str, owner: nn.Module, device: torch.device, graphs: int = 64) -> None:
+        _check_runtime(runtime)
+        self.runtime, self.owner, self.device, self.graphs = runtime, owner, device, graphs
+        self.stack = contextlib.ExitStack()
+        self.folder: Path | None = None
+        self.count = 0
+
+    def __enter__(self) -> _Runtime:
+        from rapid_hf.evaluation.throughput import fresh_compiler
+
+        if self.runtime == "compile":
+            self.stack.enter_context(fresh_compiler("inductor", graphs=self.graphs))
+        elif self.runtime == "onnx":
+            self.folder = Path(self.stack.enter_context(tempfile.TemporaryDirectory(prefix="rapid_hf_cost_")))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stack.close()
+
+    def __call__(self, piece: functools.partial) -> Callable[[], Any]:
+        if self.runtime == "eager":
+            return piece
+        module = _Piece(self.owner, piece).eval()
+        if self.runtime == "compile":
+            forward = functools.partial(torch.compile(module, fullgraph=True, dynamic=False), *module.inputs())
+            with quiet():
+                forward()  # compiles now, not inside the first timed round
+            return forward
+        return self._onnx(module)
+
+    def _onnx(self, module: _Piece) -> Callable[[], Any]:
+        from rapid_hf.evaluation.throughput import onnx_session
+
+        assert self.folder is not None
+        self.count += 1
+        path = self.folder / f"piece{self.count}.onnx"
+        with torch.inference_mode(False), torch.no_grad(), quiet():  # the exporter's notices are not the user's
+            example = tuple(tensor.clone() for tensor in module.inputs())
+            program = torch.onnx.export(module, example, dynamo=True, external_data=False, verbose=False,
+                                        optimize=True)
+        program.save(str(path), external_data=False)
+        session = onnx_session(path, torch.get_num_threads(), self.device)
+        names = [node.name for node in session.get_inputs()]
+        feed = {name: tensor.detach().cpu().numpy() for name, tensor in zip(names, example, strict=True)}
+        return functools.partial(session.run, None, feed)
 
 
 def _numbers(forwards: Sequence[Callable[[], Any]], clock: Callable[[], float], device: torch.device) -> list[int]:
@@ -463,7 +548,9 @@ def _measure(model: Any, batch_size: int, runtime: str, device: torch.device, ro
     hidden_full = embedded
     for layer in list(layers)[: min(2, num_layers)]:  # realistic tokens: after two unreduced layers
         hidden_full = layer(hidden_full)
-    grid = sorted(set(tokens), reverse=True) if tokens is not None else token_grid(num_tokens, num_protected)
+    fractions = GRID_FRACTIONS if runtime == "eager" else COMPILED_GRID_FRACTIONS
+    grid = sorted(set(tokens), reverse=True) if tokens is not None else token_grid(num_tokens, num_protected,
+                                                                                    fractions)
     layer = layers[num_layers // 2]
     # every piece runs on several layers in turn, so a layer's weights are not all in the nearest caches, as in a
     # forward (four are enough for that and keep rounds short, so that more rounds fit in the same time)
@@ -503,9 +590,11 @@ def _measure(model: Any, batch_size: int, runtime: str, device: torch.device, ro
             pieces[f"step/{kind}/{n}"] = functools.partial(_layer_step_call, cycle, hidden, sizes, step, num_protected,
                                                           queries)
     names = list(pieces)
-    _, times, reference_s = _timed_against_reference([pieces[name] for name in names],
-                                                     _reference_forward(model, batch_size, device), rounds,
-                                                     TIMERS[timer], device, progress, "cost model")
+    with _Runtime(runtime, model, device, graphs=len(names) + 16) as run:
+        forwards = [run(pieces[name]) for name in tqdm(names, desc=f"preparing ({runtime})",
+                                                       disable=not progress or runtime == "eager")]
+        _, times, reference_s = _timed_against_reference(forwards, _reference_forward(model, batch_size, device),
+                                                         rounds, TIMERS[timer], device, progress, "cost model")
     per_layer = {name: len(cycle) if name.startswith(("layer", "mlp", "step", "solo")) else 1 for name in names}
     median = {name: statistics.median(values) * 1e3 / per_layer[name]
               for name, values in zip(names, times, strict=True)}
@@ -537,10 +626,12 @@ def _measure(model: Any, batch_size: int, runtime: str, device: torch.device, ro
 @torch.inference_mode()
 def measure_latencies(model: Any, configs: Sequence[RapidConfig], batch_size: int = 1, threads: int | None = None,
                       device: str | torch.device = "cpu", rounds: int = 10, timer: str = "wall", seed: int = 0,
-                      progress: bool = False) -> list[list[float]]:
-    """Seconds per whole forward of each config in each round (interleaved; the configs as per-call settings)."""
+                      progress: bool = False, runtime: str = "eager") -> list[list[float]]:
+    """Seconds per whole forward of each config in each round (interleaved; the configs as per-call settings,
+    each compiled or exported first for the compile and onnx runtimes)."""
     if timer not in TIMERS:
         raise ValueError(f"timer {timer!r} is invalid: choose from {', '.join(TIMERS)}")
+    _check_runtime(runtime)
     device = torch.device(device)
     model = model.to(device).eval()
     config = model.rapid_backbone.config
@@ -551,8 +642,9 @@ def measure_latencies(model: Any, configs: Sequence[RapidConfig], batch_size: in
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        forwards = [functools.partial(_whole_call, model, pixel_values, rapid) for rapid in configs]
-        return _timed(forwards, rounds, TIMERS[timer], device, progress, f"latency batch {batch_size}")
+        with _Runtime(runtime, model, device, graphs=len(configs) + 16) as run:
+            forwards = [run(functools.partial(_whole_call, model, pixel_values, rapid)) for rapid in configs]
+            return _timed(forwards, rounds, TIMERS[timer], device, progress, f"latency batch {batch_size}")
     finally:
         torch.set_num_threads(original_threads)
 
@@ -561,7 +653,7 @@ def validate_latency_model(model: Any, latency_model: LatencyModel, configs: Seq
                            rounds: int = 10, timer: str | None = None, device: str | torch.device = "cpu",
                            progress: bool = False) -> list[dict[str, Any]]:
     """Measured whole-forward latency of each `(label, config)` (interleaved with the unreduced model, at the
-    cost model's batch size and threads) beside its prediction: one record per config with `predicted_ms`,
+    cost model's batch size, threads and runtime) beside its prediction: one record per config with `predicted_ms`,
     `measured_ms`, `error` (predicted / measured - 1), `predicted_speedup`, `measured_speedup` (median of the
     per-round ratios to the unreduced model) and `speedup_error`; and `measured_ms_corrected` / `error_corrected`:
     the measured latency brought to the machine speed of the cost model's measurement (the reference piece's
@@ -569,7 +661,7 @@ def validate_latency_model(model: Any, latency_model: LatencyModel, configs: Seq
     machine's slowing down or speeding up between the two measurements."""
     machine = latency_model.machine
     stock = RapidConfig(method="none")
-    batch_size, threads = machine["batch_size"], machine["threads"]
+    batch_size, threads, runtime = machine["batch_size"], machine["threads"], machine.get("runtime", "eager")
     device = torch.device(device)
     model = model.to(device).eval()
     config = model.rapid_backbone.config
@@ -580,8 +672,8 @@ def validate_latency_model(model: Any, latency_model: LatencyModel, configs: Seq
     original_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        with torch.inference_mode():
-            forwards = [functools.partial(_whole_call, model, pixel_values, rapid) for _, rapid in rows]
+        with torch.inference_mode(), _Runtime(runtime, model, device, graphs=len(rows) + 16) as run:
+            forwards = [run(functools.partial(_whole_call, model, pixel_values, rapid)) for _, rapid in rows]
             times, corrected, reference_s = _timed_against_reference(
                 forwards, _reference_forward(model, batch_size, device), rounds,
                 TIMERS[timer or latency_model.timer], device, progress, f"latency batch {batch_size}")

@@ -205,7 +205,7 @@ def schedule_fields(rapid: RapidConfig | Mapping[str, Any], input_tokens: int | 
     asks for more than any layer can remove (e.g. `--r 1000`), the case a row's `r` says nothing about what ran;
     tables then print the removed tokens beside it. Empty when the input token count is unknown.
     """
-    from rapid_hf.reduction.schedule import expand_schedule
+    from rapid_hf.reduction.steps import requested_schedule
 
     if input_tokens is None or not token_counts:
         return {}
@@ -214,7 +214,7 @@ def schedule_fields(rapid: RapidConfig | Mapping[str, Any], input_tokens: int | 
     requested = removed
     if rapid.method != "none" and rapid.output_tokens is None:
         try:
-            requested = expand_schedule(rapid.r, len(removed))
+            requested = requested_schedule(rapid, input_tokens, len(removed), num_protected=0)  # r: no solve
         except ValueError:  # a per-layer list for another depth: the model refused it before any record
             requested = removed
     short = [layer for layer, (done, asked) in enumerate(zip(removed, requested, strict=True)) if done < asked]

@@ -48,6 +48,10 @@ class RapidConfig:
             `{"r": 8, "inflection": 1.0}` (the older saved form `[8, 1.0]` still reads as the tuple).
         output_tokens: instead of `r`, the number of tokens that should leave the last layer; solved to a
             near-constant schedule for the actual input size.
+        reduce_every: reduce at every n-th layer only (layers 0, n, 2n, ...), each of them removing more: a few
+            reduction steps instead of one per layer, for runtimes where a step's fixed cost is large (batch 1).
+            An int `r` or an `(r, inflection)` schedule then applies over the reducing layers alone, and
+            `output_tokens` is solved over them; a per-layer list already says where to reduce, so it needs 1.
         switch_layer: first merging layer (RAPID's K, ToFu's switch). None: 4 for RAPID (the paper's K for
             12 layers, scaled as round(L/3) for other depths); for ToFu `L // 2 + 1`, the public
             reimplementation's split: prune in layers 0..L//2, merge after (12 layers: 7 prune, 5 merge).
@@ -75,6 +79,7 @@ class RapidConfig:
     method: Method = "rapid"
     r: int | list[int] | tuple[int, float] = 0
     output_tokens: int | None = None
+    reduce_every: int = 1
     switch_layer: int | Literal["auto"] | None = None
     prune_threshold: float = 0.7
     importance_ratio: float = 0.2
@@ -93,6 +98,11 @@ class RapidConfig:
                 _fail("output_tokens", self.output_tokens, "an int >= 1 or None")
             if self.r != 0:
                 _fail("output_tokens", self.output_tokens, "None when r is set (give r or output_tokens, not both)")
+        if not _is_int(self.reduce_every) or self.reduce_every < 1:
+            _fail("reduce_every", self.reduce_every, "an int >= 1 (1: every layer reduces)")
+        if self.reduce_every > 1 and isinstance(self.r, list):
+            _fail("reduce_every", self.reduce_every,
+                  "1 when r is a per-layer list (the list already says which layers reduce: put 0 elsewhere)")
         if self.switch_layer not in (None, AUTO) and (not _is_int(self.switch_layer) or self.switch_layer < 0):
             _fail("switch_layer", self.switch_layer, "an int >= 0 (at most the number of layers), 'auto' or None")
         if not _is_number(self.prune_threshold) or not -1.0 <= self.prune_threshold <= 1.0:
@@ -148,12 +158,15 @@ class RapidConfig:
         """Checks that need the model: list length, switch layer range, reachable output tokens."""
         from rapid_hf.reduction.schedule import schedule_for_output_tokens
 
+        if self.reduce_every > num_layers:
+            _fail("reduce_every", self.reduce_every, f"an int in [1, {num_layers}] for this {num_layers}-layer model")
         if isinstance(self.r, list) and len(self.r) != num_layers:
             _fail("r", self.r, f"a list of {num_layers} ints >= 0 (one per layer of this {num_layers}-layer model)")
         if _is_int(self.switch_layer) and self.switch_layer > num_layers:
             _fail("switch_layer", self.switch_layer, f"an int in [0, {num_layers}] for this {num_layers}-layer model")
         if self.output_tokens is not None and self.method != "none":
-            schedule_for_output_tokens(num_tokens, num_layers, num_protected, self.output_tokens)
+            schedule_for_output_tokens(num_tokens, len(reducing_layers(num_layers, self.reduce_every)),
+                                       num_protected, self.output_tokens)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly dict (what `save_pretrained` writes under `rapid` in config.json).
@@ -185,6 +198,11 @@ class RapidConfig:
 
 FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in fields(RapidConfig))
 """`RapidConfig`'s field names, computed once (`dataclasses.fields` cannot be traced by torch.compile)."""
+
+
+def reducing_layers(num_layers: int, reduce_every: int) -> list[int]:
+    """The layers that may reduce under `reduce_every` (layers 0, n, 2n, ...)."""
+    return list(range(0, num_layers, reduce_every))
 
 
 def static_ints(config: RapidConfig) -> RapidConfig:

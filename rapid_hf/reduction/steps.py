@@ -16,7 +16,7 @@ from torch import Tensor
 
 from rapid_hf.reduction.attention import per_patch_importance
 from rapid_hf.reduction.baselines import FusePlan, pitome_margin, pitome_merge_plan, topk_fuse_plan
-from rapid_hf.reduction.config import MergeMode, RapidConfig
+from rapid_hf.reduction.config import MergeMode, RapidConfig, reducing_layers
 from rapid_hf.reduction.matching import bipartite_similarity, matching_metric, removal_cap
 from rapid_hf.reduction.methods import (
     crucial_merge_plan,
@@ -63,9 +63,15 @@ def requested_schedule(config: RapidConfig, num_tokens: int, num_layers: int, nu
     """Per-layer requested r for an input of `num_tokens` tokens (before caps)."""
     if config.method == "none":
         return [0] * num_layers
+    reducing = reducing_layers(num_layers, config.reduce_every)
     if config.output_tokens is not None:
-        return schedule_for_output_tokens(num_tokens, num_layers, num_protected, config.output_tokens)
-    return expand_schedule(config.r, num_layers)
+        values = schedule_for_output_tokens(num_tokens, len(reducing), num_protected, config.output_tokens)
+    else:
+        values = expand_schedule(config.r, len(reducing))
+    schedule = [0] * num_layers
+    for layer, value in zip(reducing, values, strict=True):
+        schedule[layer] = value
+    return schedule
 
 
 def layer_operation(config: RapidConfig, layer: int, num_layers: int) -> Operation | None:
