@@ -185,10 +185,10 @@ def test_rapid_vit_config_validates_its_rapid_dict(settings, field, allowed):
 
 
 @pytest.fixture(scope="module")
-def saved_vit(tmp_path_factory, tiny_vit):
-    """A saved tiny Rapid ViT and its config.json as written."""
+def saved_vit(tmp_path_factory):
+    """A saved tiny Rapid ViT with reduction settings, and its config.json as written."""
     path = tmp_path_factory.mktemp("rapid_vit")
-    tiny_vit.save_pretrained(path)
+    RapidViTForImageClassification(RapidViTConfig(**TINY, rapid={"method": "tome"})).save_pretrained(path)
     return path, json.loads((path / "config.json").read_text())
 
 
@@ -221,3 +221,13 @@ def test_saved_settings_reload_through_auto_classes(tmp_path, tiny_vit):
     assert isinstance(loaded, RapidViTForImageClassification)
     assert loaded.rapid == rapid
     assert AutoConfig.from_pretrained(tmp_path).rapid == rapid.to_dict()
+
+
+def test_reduce_every_runs_on_the_model_and_removes_only_at_its_layers(tiny_vit):
+    pixel_values = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = tiny_vit(pixel_values=pixel_values, rapid=RapidConfig(method="tome", r=4, reduce_every=2))
+        solved = tiny_vit(pixel_values=pixel_values, rapid=RapidConfig(method="rapid", output_tokens=7,
+                                                                          reduce_every=2, switch_layer=1))
+    assert list(out.token_counts) == [13, 13, 9, 9]
+    assert solved.token_counts[-1] == 7 and solved.token_counts[0] == solved.token_counts[1]
