@@ -6,8 +6,9 @@
 
 Each entry runs the command recorded beside the files it writes (their README or the file's own header), from the
 repository root, with the real assets found through `RAPID_HF_ASSETS` (default `../shared/assets`). Timing
-entries (`deploy_b1`, `compile_time`, `latency_model`, `equal_speed`) take tens of minutes on a 2-core CPU and
-measure the machine they run on; the accuracy entries reuse no timing.
+entries (`deploy_*`, `compile_time`, `compiled_ceiling`, `few_points`, `latency_model*`, `equal_speed*`) take
+minutes to tens of minutes on a 2-core CPU and measure the machine they run on; the accuracy entries reuse no
+timing.
 """
 
 from __future__ import annotations
@@ -46,15 +47,46 @@ ENTRIES: dict[str, tuple[str, str]] = {
     "deploy_b1": (
         "results/deploy_deit_tiny_b1.* (eager, compiled and ONNX Runtime at batch 1)",
         f"rapid-hf benchmark --model {MODEL} --methods none,tome,rapid --r 8,16 --batch-size 1 --threads 1,2 "
-        "--runtime eager,compile,onnx --no-memory --repeats 6 --output results/deploy_deit_tiny_b1.json",
+        "--runtime eager,compile,onnx --no-memory --repeats 20 --output results/deploy_deit_tiny_b1.json",
+    ),
+    "deploy_b16": (
+        "results/deploy_deit_tiny_b16.* (eager, compiled and ONNX Runtime at batch 16)",
+        f"rapid-hf benchmark --model {MODEL} --methods none,tome,rapid --r 8,16 --batch-size 16 --threads 1,2 "
+        "--runtime eager,compile,onnx --no-memory --repeats 8 --output results/deploy_deit_tiny_b16.json",
+    ),
+    "deploy_larger": (
+        "experiments/deploy/results.* (DeiT-S and ViT-B, random weights, every runtime at batch 1)",
+        "python experiments/deploy/run.py --models deit-small vit-base --batch-sizes 1",
+    ),
+    "compiled_ceiling": (
+        "experiments/latency/limit_compiled.* (each method against its free ceiling, eager and compiled)",
+        "python experiments/latency/limit.py --models deit-tiny --runtime eager,compile --batch-sizes 1 "
+        "--threads 1 2 --output experiments/latency/limit_compiled.json",
+    ),
+    "few_points": (
+        "experiments/few_points/results.* (reduce_every against the every-layer schedule: accuracy and speed)",
+        "python experiments/few_points/run.py --speed-runtimes eager,compile,onnx",
     ),
     "latency_model": (
-        "experiments/latency_model/results.* (the cost model against measured latency)",
+        "experiments/latency_model/results.* (the cost model against measured latency, eager)",
         "python experiments/latency_model/run.py --repeats 1",
     ),
+    "latency_model_onnx": (
+        "experiments/latency_model/results_onnx.* (the cost model through ONNX Runtime)",
+        "python experiments/latency_model/run.py --runtime onnx --repeats 1",
+    ),
+    "latency_model_compile": (
+        "experiments/latency_model/results_compile.* (the cost model compiled, batch 1)",
+        "python experiments/latency_model/run.py --runtime compile --repeats 1 --batch-sizes 1",
+    ),
     "equal_speed": (
-        "experiments/equal_speed/results.* and equal_speed.png (methods at equal measured speed)",
+        "experiments/equal_speed/results.* and equal_speed.png (methods at equal measured speed, eager)",
         "python experiments/equal_speed/run.py",
+    ),
+    "equal_speed_onnx": (
+        "experiments/equal_speed/results_onnx.* and equal_speed_onnx.png (the same through ONNX Runtime; needs "
+        "latency_model_onnx first)",
+        "python experiments/equal_speed/run.py --runtime onnx --cost-model-from",
     ),
 }
 
