@@ -114,6 +114,14 @@ def test_rapid_settings_change_only_the_rapid_rows_and_fixed_variants_run_once()
     assert [v.label for v in rows] == ["tofu", "rapid", "k2"]
 
 
+def test_an_amount_given_for_a_few_point_model_replaces_where_it_reduces_too():
+    """A saved model reducing at every 3rd layer, run at `--r 8`: r=8 on every layer, and the change is reported."""
+    saved = RapidConfig(method="rapid", r=24, reduce_every=3)
+    rows = grid_variants(["rapid"], [8], saved=saved)
+    assert rows[0].rapid == RapidConfig(method="rapid", r=8)
+    assert rows[0].overrides == {"r": 8, "reduce_every": 1}
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

@@ -142,6 +142,16 @@ def test_search_honours_the_predicted_speed_constraint(tiny_model, images):
         speed_calibrate(tiny_model, images, cost, 1.0, RapidConfig(method="tome"), progress=False)
 
 
+def test_search_from_a_few_point_config_places_its_own_schedules(tiny_model, images):
+    """A starting config that reduces at every 2nd layer: the search's patterns say where to reduce instead."""
+    cost = fake_model()
+    start = RapidConfig(method="tome", r=2, reduce_every=2)
+    result = speed_calibrate(tiny_model, images, cost, 1.3, start, grid={"merge_mode": ["mean", "mlerp"]},
+                             max_rounds=1, batch_size=4, progress=False)
+    assert result.rapid.reduce_every == 1 and isinstance(result.rapid.r, list)
+    assert predicted_speedup(cost, result.rapid) >= 1.3
+
+
 def test_latency_target_and_miss_message():
     cost = fake_model()
     stock = cost.predict_ms(RapidConfig(method="none"))

@@ -114,7 +114,8 @@ def place(cost: CostModel, config: RapidConfig, pattern: Pattern, target: float,
         getattr(cost, "num_tokens", 256) * len(pattern.layers(num_layers)))
 
     def at(amount: int) -> tuple[RapidConfig, float]:
-        candidate = config.replace(r=pattern_schedule(pattern, amount, num_layers), output_tokens=None)
+        candidate = config.replace(r=pattern_schedule(pattern, amount, num_layers), output_tokens=None,
+                                   reduce_every=1)
         return candidate, stock / cost.predict_ms(candidate)
 
     if largest < 1 or at(largest)[1] < target:
@@ -132,8 +133,8 @@ def place(cost: CostModel, config: RapidConfig, pattern: Pattern, target: float,
 def best_reachable(cost: CostModel, config: RapidConfig, patterns: Sequence[Pattern]) -> float:
     """The largest predicted speed-up any pattern reaches with `config`'s knobs (every layer at its cap)."""
     largest = getattr(cost, "num_tokens", 256)
-    return max(predicted_speedup(cost, config.replace(r=pattern_schedule(p, largest * cost.num_layers,
-                                                                          cost.num_layers), output_tokens=None))
+    return max(predicted_speedup(cost, config.replace(r=pattern_schedule(p, largest * cost.num_layers, cost.num_layers),
+                                                      output_tokens=None, reduce_every=1))
                for p in patterns)
 
 
@@ -204,7 +205,7 @@ def speed_calibrate(
         statistics = layer_statistics(model, pixel_values, rapid.prune_threshold, batch_size)
         resolved_auto = auto_switch_layer(statistics.redundant_fraction, min_redundant_fraction)
         rapid = rapid.replace(switch_layer=resolved_auto)
-    base = rapid.replace(r=0, output_tokens=None)
+    base = rapid.replace(r=0, output_tokens=None, reduce_every=1)  # the patterns say where to reduce
 
     reference = predict_logits(model, pixel_values, RapidConfig(method="none"), batch_size)
     scored: dict[str, Fidelity] = {}

@@ -302,10 +302,16 @@ def _repeat(forward: Callable[[], Any], number: int) -> None:
 
 
 def _layer_call(layers: Sequence[Any], hidden: torch.Tensor, sizes: torch.Tensor | None, num_protected: int,
-                importance_queries: Callable | None) -> tuple[torch.Tensor, ...]:
-    return tuple(layer(hidden, None, reduction=LayerReduction(step=None, sizes=sizes, num_protected=num_protected,
-                                                              prop_attn=True, importance_queries=importance_queries))
-                 for layer in layers)
+                importance_queries: Callable | None, step: LayerStep | None = None) -> tuple[torch.Tensor, ...]:
+    """Each layer on the same input, with `step` (or none); returns every output, merged sizes included."""
+    outputs = []
+    for layer in layers:
+        reduction = LayerReduction(step=step, sizes=sizes, num_protected=num_protected, prop_attn=True,
+                                   importance_queries=importance_queries)
+        outputs.append(layer(hidden, None, reduction=reduction))
+        if reduction.sizes_out is not None and reduction.sizes_out is not sizes:
+            outputs.append(reduction.sizes_out)
+    return tuple(outputs)
 
 
 def _mlp_call(layers: Sequence[Any], hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -333,13 +339,6 @@ def _head_call(model: Any, backbone: Any, hidden: torch.Tensor, sizes: torch.Ten
     return classifier(last[:, 0]) if isinstance(classifier, torch.nn.Module) else last
 
 
-def _layer_step_call(layers: Sequence[Any], hidden: torch.Tensor, sizes: torch.Tensor | None, step: LayerStep,
-                     num_protected: int, importance_queries: Callable | None) -> tuple[torch.Tensor, ...]:
-    return tuple(layer(hidden, None, reduction=LayerReduction(step=step, sizes=sizes, num_protected=num_protected,
-                                                              prop_attn=True, importance_queries=importance_queries))
-                 for layer in layers)
-
-
 def _whole_call(model: Any, pixel_values: torch.Tensor, rapid: RapidConfig) -> torch.Tensor:
     return model(pixel_values=pixel_values, rapid=rapid)[0]
 
@@ -358,6 +357,7 @@ class _Piece(nn.Module):
         self.owner = owner
         self.function = piece.func
         self.arguments = list(piece.args)
+        self.keywords = dict(piece.keywords)
         self.slots = [index for index, value in enumerate(piece.args) if isinstance(value, torch.Tensor)]
 
     def inputs(self) -> tuple[torch.Tensor, ...]:
@@ -367,7 +367,7 @@ class _Piece(nn.Module):
         arguments = list(self.arguments)
         for index, tensor in zip(self.slots, tensors, strict=True):
             arguments[index] = tensor
-        return self.function(*arguments)
+        return self.function(*arguments, **self.keywords)
 
 
 class _Runtime(contextlib.AbstractContextManager):
@@ -587,8 +587,8 @@ def _measure(model: Any, batch_size: int, runtime: str, device: torch.device, ro
                 layer(hidden, None, reduction=probe)
                 sets_sizes[operation] = probe.sizes_out is not None
             removed[kind, n] = r
-            pieces[f"step/{kind}/{n}"] = functools.partial(_layer_step_call, cycle, hidden, sizes, step, num_protected,
-                                                          queries)
+            pieces[f"step/{kind}/{n}"] = functools.partial(_layer_call, cycle, hidden, sizes, num_protected, queries,
+                                                          step)
     names = list(pieces)
     with _Runtime(runtime, model, device, graphs=len(names) + 16) as run:
         forwards = [run(pieces[name]) for name in tqdm(names, desc=f"preparing ({runtime})",

@@ -104,8 +104,8 @@ def saved_amount(saved: RapidConfig) -> dict[str, Any] | None:
 def _from_saved(saved: RapidConfig, changes: Mapping[str, Any]) -> tuple[RapidConfig, dict[str, Any]]:
     """`saved` with `changes` applied (an amount replaces the saved amount) and the fields that now differ."""
     base = saved.to_dict()
-    if "r" in changes or "output_tokens" in changes:
-        base.update(r=0, output_tokens=None)
+    if "r" in changes or "output_tokens" in changes:  # where to reduce is part of the amount
+        base.update(r=0, output_tokens=None, reduce_every=1)
     rapid = RapidConfig.from_dict({**base, **changes})
     saved_fields, run = saved.to_dict(), rapid.to_dict()
     return rapid, {key: run[key] for key in run if run[key] != saved_fields[key]}

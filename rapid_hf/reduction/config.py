@@ -48,10 +48,11 @@ class RapidConfig:
             `{"r": 8, "inflection": 1.0}` (the older saved form `[8, 1.0]` still reads as the tuple).
         output_tokens: instead of `r`, the number of tokens that should leave the last layer; solved to a
             near-constant schedule for the actual input size.
-        reduce_every: reduce at every n-th layer only (layers 0, n, 2n, ...), each of them removing more: a few
-            reduction steps instead of one per layer, for runtimes where a step's fixed cost is large (batch 1).
-            An int `r` or an `(r, inflection)` schedule then applies over the reducing layers alone, and
-            `output_tokens` is solved over them; a per-layer list already says where to reduce, so it needs 1.
+        reduce_every: reduce at every n-th layer only (layers 0, n, 2n, ...): a few reduction steps instead of one
+            per layer, for runtimes where a step's fixed cost is large (batch 1). An int `r` or an
+            `(r, inflection)` schedule then applies per reducing layer (r=24 with reduce_every=3 removes what r=8
+            removes on every layer), and `output_tokens` is solved over the reducing layers (so each removes about
+            n times as many); a per-layer list already says where to reduce, so it needs 1.
         switch_layer: first merging layer (RAPID's K, ToFu's switch). None: 4 for RAPID (the paper's K for
             12 layers, scaled as round(L/3) for other depths); for ToFu `L // 2 + 1`, the public
             reimplementation's split: prune in layers 0..L//2, merge after (12 layers: 7 prune, 5 merge).
@@ -156,7 +157,7 @@ class RapidConfig:
 
     def validate_for_model(self, num_layers: int, num_tokens: int, num_protected: int) -> None:
         """Checks that need the model: list length, switch layer range, reachable output tokens."""
-        from rapid_hf.reduction.schedule import schedule_for_output_tokens
+        from rapid_hf.reduction.schedule import min_output_tokens
 
         if self.reduce_every > num_layers:
             _fail("reduce_every", self.reduce_every, f"an int in [1, {num_layers}] for this {num_layers}-layer model")
@@ -165,8 +166,14 @@ class RapidConfig:
         if _is_int(self.switch_layer) and self.switch_layer > num_layers:
             _fail("switch_layer", self.switch_layer, f"an int in [0, {num_layers}] for this {num_layers}-layer model")
         if self.output_tokens is not None and self.method != "none":
-            schedule_for_output_tokens(num_tokens, len(reducing_layers(num_layers, self.reduce_every)),
-                                       num_protected, self.output_tokens)
+            points = len(reducing_layers(num_layers, self.reduce_every))
+            lowest = min_output_tokens(num_tokens, points, num_protected)
+            if not lowest <= self.output_tokens <= num_tokens:
+                where = f"{num_layers} layers" if points == num_layers else (
+                    f"reduction at {points} of {num_layers} layers (reduce_every={self.reduce_every})")
+                _fail("output_tokens", self.output_tokens,
+                      f"a count this model can reach: with {num_tokens} input tokens, {where} and {num_protected} "
+                      f"protected token(s) the reachable range is [{lowest}, {num_tokens}]")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly dict (what `save_pretrained` writes under `rapid` in config.json).
