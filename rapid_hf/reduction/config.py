@@ -171,9 +171,9 @@ class RapidConfig:
             if not lowest <= self.output_tokens <= num_tokens:
                 where = f"{num_layers} layers" if points == num_layers else (
                     f"reduction at {points} of {num_layers} layers (reduce_every={self.reduce_every})")
-                _fail("output_tokens", self.output_tokens,
-                      f"a count this model can reach: with {num_tokens} input tokens, {where} and {num_protected} "
-                      f"protected token(s) the reachable range is [{lowest}, {num_tokens}]")
+                raise ValueError(
+                    f"output_tokens={self.output_tokens} cannot be reached: with {num_tokens} input tokens, {where} "
+                    f"and {num_protected} protected token(s) the reachable range is [{lowest}, {num_tokens}]")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly dict (what `save_pretrained` writes under `rapid` in config.json).
