@@ -41,7 +41,7 @@ from rapid_hf.calibration.search import (
     search_grid,
 )
 from rapid_hf.calibration.statistics import MIN_REDUNDANT_FRACTION, auto_switch_layer, layer_statistics
-from rapid_hf.reduction.config import AUTO, RapidConfig
+from rapid_hf.reduction.config import AUTO, RapidConfig, reducing_layers
 
 MISS_TOLERANCE = 0.05
 """A measured speed-up more than this fraction below the target is reported as missed."""
@@ -69,7 +69,7 @@ class Pattern:
             raise ValueError(f"Pattern needs every >= 1 and 0 <= offset < every, got {self.every}, {self.offset}")
 
     def layers(self, num_layers: int) -> list[int]:
-        return [layer for layer in range(num_layers) if layer % self.every == self.offset]
+        return reducing_layers(num_layers, self.every, self.offset)
 
     @property
     def label(self) -> str:
@@ -97,6 +97,11 @@ def pattern_schedule(pattern: Pattern, amount: int, num_layers: int) -> list[int
     return schedule
 
 
+def on_pattern(config: RapidConfig, pattern: Pattern, amount: int, num_layers: int) -> RapidConfig:
+    """`config`'s knobs removing `amount` tokens on `pattern`'s layers (a per-layer list: the pattern says where)."""
+    return config.replace(r=pattern_schedule(pattern, amount, num_layers), output_tokens=None, reduce_every=1)
+
+
 def predicted_speedup(cost: CostModel, config: RapidConfig) -> float:
     """The cost model's unreduced time over its time for `config`."""
     return cost.predict_ms(RapidConfig(method="none")) / cost.predict_ms(config)
@@ -114,8 +119,7 @@ def place(cost: CostModel, config: RapidConfig, pattern: Pattern, target: float,
         getattr(cost, "num_tokens", 256) * len(pattern.layers(num_layers)))
 
     def at(amount: int) -> tuple[RapidConfig, float]:
-        candidate = config.replace(r=pattern_schedule(pattern, amount, num_layers), output_tokens=None,
-                                   reduce_every=1)
+        candidate = on_pattern(config, pattern, amount, num_layers)
         return candidate, stock / cost.predict_ms(candidate)
 
     if largest < 1 or at(largest)[1] < target:
@@ -133,8 +137,7 @@ def place(cost: CostModel, config: RapidConfig, pattern: Pattern, target: float,
 def best_reachable(cost: CostModel, config: RapidConfig, patterns: Sequence[Pattern]) -> float:
     """The largest predicted speed-up any pattern reaches with `config`'s knobs (every layer at its cap)."""
     largest = getattr(cost, "num_tokens", 256)
-    return max(predicted_speedup(cost, config.replace(r=pattern_schedule(p, largest * cost.num_layers, cost.num_layers),
-                                                      output_tokens=None, reduce_every=1))
+    return max(predicted_speedup(cost, on_pattern(config, p, largest * cost.num_layers, cost.num_layers))
                for p in patterns)
 
 

@@ -539,17 +539,21 @@ def measure_latency_model(
         torch.set_num_threads(original_threads)
 
 
+def _synthetic_pixels(model: Any, batch_size: int, seed: int, device: torch.device) -> torch.Tensor:
+    """A seeded random batch at the model's own image size (time does not depend on the pixels)."""
+    config = model.rapid_backbone.config
+    size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch_size, config.num_channels, size, size, generator=generator).to(device)
+
+
 def _measure(model: Any, batch_size: int, runtime: str, device: torch.device, rounds: int, timer: str,
              tokens: Sequence[int] | None, kinds: Sequence[str], step_r: int, seed: int,
              progress: bool, fit: str) -> LatencyModel:
     backbone = model.rapid_backbone
     layers = backbone.reducing_layers
     num_layers, num_protected = len(layers), backbone.num_protected_tokens
-    config = backbone.config
-    size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
-    generator = torch.Generator().manual_seed(seed)
-    pixel_values = torch.randn(batch_size, config.num_channels, size, size, generator=generator).to(device)
-    pixel_values = pixel_values.to(backbone.embedding_dtype)
+    pixel_values = _synthetic_pixels(model, batch_size, seed, device).to(backbone.embedding_dtype)
     embedded = backbone.embed(pixel_values, None, False)
     num_tokens = embedded.shape[1]
     hidden_full = embedded
@@ -641,10 +645,7 @@ def measure_latencies(model: Any, configs: Sequence[RapidConfig], batch_size: in
     _check_runtime(runtime)
     device = torch.device(device)
     model = model.to(device).eval()
-    config = model.rapid_backbone.config
-    size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
-    generator = torch.Generator().manual_seed(seed)
-    pixel_values = torch.randn(batch_size, config.num_channels, size, size, generator=generator).to(device)
+    pixel_values = _synthetic_pixels(model, batch_size, seed, device)
     original_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -671,10 +672,7 @@ def validate_latency_model(model: Any, latency_model: LatencyModel, configs: Seq
     batch_size, threads, runtime = machine["batch_size"], machine["threads"], machine.get("runtime", "eager")
     device = torch.device(device)
     model = model.to(device).eval()
-    config = model.rapid_backbone.config
-    size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
-    pixel_values = torch.randn(batch_size, config.num_channels, size, size,
-                               generator=torch.Generator().manual_seed(0)).to(device)
+    pixel_values = _synthetic_pixels(model, batch_size, 0, device)
     rows = [("none", stock), *configs]
     original_threads = torch.get_num_threads()
     torch.set_num_threads(threads)

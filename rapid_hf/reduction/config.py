@@ -157,7 +157,7 @@ class RapidConfig:
 
     def validate_for_model(self, num_layers: int, num_tokens: int, num_protected: int) -> None:
         """Checks that need the model: list length, switch layer range, reachable output tokens."""
-        from rapid_hf.reduction.schedule import min_output_tokens
+        from rapid_hf.reduction.schedule import schedule_for_output_tokens
 
         if self.reduce_every > num_layers:
             _fail("reduce_every", self.reduce_every, f"an int in [1, {num_layers}] for this {num_layers}-layer model")
@@ -167,13 +167,7 @@ class RapidConfig:
             _fail("switch_layer", self.switch_layer, f"an int in [0, {num_layers}] for this {num_layers}-layer model")
         if self.output_tokens is not None and self.method != "none":
             points = len(reducing_layers(num_layers, self.reduce_every))
-            lowest = min_output_tokens(num_tokens, points, num_protected)
-            if not lowest <= self.output_tokens <= num_tokens:
-                where = f"{num_layers} layers" if points == num_layers else (
-                    f"reduction at {points} of {num_layers} layers (reduce_every={self.reduce_every})")
-                raise ValueError(
-                    f"output_tokens={self.output_tokens} cannot be reached: with {num_tokens} input tokens, {where} "
-                    f"and {num_protected} protected token(s) the reachable range is [{lowest}, {num_tokens}]")
+            schedule_for_output_tokens(num_tokens, points, num_protected, self.output_tokens)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly dict (what `save_pretrained` writes under `rapid` in config.json).
@@ -207,9 +201,9 @@ FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in fields(RapidConfig))
 """`RapidConfig`'s field names, computed once (`dataclasses.fields` cannot be traced by torch.compile)."""
 
 
-def reducing_layers(num_layers: int, reduce_every: int) -> list[int]:
-    """The layers that may reduce under `reduce_every` (layers 0, n, 2n, ...)."""
-    return list(range(0, num_layers, reduce_every))
+def reducing_layers(num_layers: int, reduce_every: int, offset: int = 0) -> list[int]:
+    """The layers that may reduce under `reduce_every` (layers offset, offset + n, offset + 2n, ...)."""
+    return list(range(offset, num_layers, reduce_every))
 
 
 def static_ints(config: RapidConfig) -> RapidConfig:

@@ -75,8 +75,8 @@ def schedule_for_output_tokens(num_tokens: int, num_layers: int, num_protected: 
     lowest = min_output_tokens(num_tokens, num_layers, num_protected)
     if not lowest <= target <= num_tokens:
         raise ValueError(
-            f"output_tokens={target} cannot be reached: with {num_tokens} input tokens, {num_layers} layers and "
-            f"{num_protected} protected token(s) the reachable range is [{lowest}, {num_tokens}]"
+            f"output_tokens={target} cannot be reached: with {num_tokens} input tokens, {num_layers} reducing "
+            f"layer(s) and {num_protected} protected token(s) the reachable range is [{lowest}, {num_tokens}]"
         )
     if torch.compiler.is_compiling():  # dynamo would trace through the cache (and warn): solve it in the trace
         return list(_even_schedule(num_tokens, num_layers, num_protected, target))
