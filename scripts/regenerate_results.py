@@ -76,8 +76,8 @@ ENTRIES: dict[str, tuple[str, str]] = {
         "python experiments/latency_model/run.py --runtime onnx --repeats 1",
     ),
     "latency_model_compile": (
-        "experiments/latency_model/results_compile.* (the cost model compiled, batch 1)",
-        "python experiments/latency_model/run.py --runtime compile --repeats 1 --batch-sizes 1",
+        "experiments/latency_model/results_compile.* (the cost model compiled)",
+        "python experiments/latency_model/run.py --runtime compile --repeats 1",
     ),
     "equal_speed": (
         "experiments/equal_speed/results.* and equal_speed.png (methods at equal measured speed, eager)",

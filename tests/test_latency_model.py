@@ -176,6 +176,7 @@ def test_measured_cost_model_has_every_piece(tiny_model):
     cost = measure_latency_model(tiny_model, rounds=1, tokens=[65, 20], step_kinds=["merge_similar"])
     assert cost.tokens == [65, 20] and set(cost.step_ms) == {"merge_similar"}
     assert cost.sets_sizes == {"merge_similar": True} and cost.machine["runtime"] == "eager"
+    assert set(cost.anchor_ms) == {"tome"} and cost.anchor_r == {"tome": 3} and set(cost.step_scale) == {"tome"}
     assert cost.predict_ms(RapidConfig(method="tome", r=8)) > 0
     with pytest.raises(ValueError, match="runtime 'tensorrt' is invalid"):
         measure_latency_model(tiny_model, runtime="tensorrt")
@@ -198,7 +199,7 @@ def test_cost_model_pieces_run_in_the_runtime_they_predict(tiny_model, runtime, 
     monkeypatch.setattr(latency_model._Runtime, "__call__", recording)
     cost = measure_latency_model(tiny_model, rounds=1, tokens=[17], step_kinds=["merge_similar"], runtime=runtime)
     assert cost.machine["runtime"] == runtime and cost.tokens == [17]
-    pieces = 2 + 7 + 1  # embed, stock; per token count 7 pieces and one step
+    pieces = 2 + 6 + 1 + 1  # embed, stock; per token count 6 pieces and one step; ToMe's anchor forward
     assert len(made) == pieces and all(kind == runtime for kind, _ in made)
     def runner(forward):  # the compiled module, or the session whose `run` the piece calls
         return type(getattr(forward.func, "__self__", forward.func)).__name__
@@ -318,3 +319,75 @@ def test_a_reference_slowed_by_the_piece_before_it_does_not_shrink_that_piece():
                                                  torch.device("cpu"), False, "test")
     assert raw == [pytest.approx([1.0] * 4), pytest.approx([0.1] * 4)]
     assert corrected == [pytest.approx(raw[0]), pytest.approx(raw[1])]
+
+
+def test_an_anchor_forward_sets_its_methods_step_level():
+    """A method's steps are scaled so that its anchor forward's predicted steps add up to what that forward measured
+    less the predicted rest; other methods keep the steps as timed, and an anchor faster than the rest alone makes
+    the steps free, never negative."""
+    base = fake_model(stock_ms=40.0).refit()
+    anchor = RapidConfig(method="tome", r=3)
+    parts = base.breakdown(anchor)
+    steps = sum(parts["step_ms"])
+    measured = parts["total_ms"] + steps  # the forward spent twice the timed steps on them
+    cost = fake_model(stock_ms=40.0, anchor_ms={"tome": measured}, anchor_r={"tome": 3}).refit()
+    assert cost.step_scale == {"tome": pytest.approx(2.0)}
+    assert cost.predict_ms(anchor) == pytest.approx(measured)
+    assert cost.predict_ms(RapidConfig(method="rapid", r=3)) == pytest.approx(base.predict_ms(
+        RapidConfig(method="rapid", r=3)))
+    assert cost.predict_ms(RapidConfig(method="none")) == pytest.approx(40.0)
+    free = parts["total_ms"] - steps
+    assert fake_model(stock_ms=40.0, anchor_ms={"tome": free - 5.0}, anchor_r={"tome": 3}).refit().step_scale == {
+        "tome": 0.0}
+    heavy = fake_model(stock_ms=40.0, anchor_ms={"tome": free + 12 * steps}, anchor_r={"tome": 3}).refit()
+    assert heavy.step_scale == {"tome": pytest.approx(12.0)}  # compiled ToMe's steps: 12x their pieces
+    assert LatencyModel.from_dict(cost.to_dict()) == cost  # anchors survive the file
+
+
+def test_anchored_methods_are_those_whose_steps_were_all_measured():
+    from rapid_hf.evaluation.latency_model import anchor_methods, default_step_kinds
+
+    assert set(anchor_methods(default_step_kinds())) == {"rapid", "tome", "tofu", "crucial", "pitome", "topk"}
+    assert anchor_methods(method_step_kinds("rapid")) == ("rapid",)
+    assert set(anchor_methods(method_step_kinds("tofu"))) == {"tofu", "tome"}  # ToFu merges as ToMe does
+    assert anchor_methods(["merge_important"]) == ()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_constant_token_forward_is_the_models_own_forward(tiny_model, bias):
+    """The forward a layer's cost is timed in runs the model's own layers and head: on every token, with or without
+    the (zero) size bias, it gives the model's logits."""
+    from rapid_hf.evaluation.latency_model import _free_forward, _synthetic_pixels
+
+    pixels = _synthetic_pixels(tiny_model, 2, 0, torch.device("cpu"))
+    with torch.inference_mode():
+        expected = tiny_model(pixel_values=pixels).logits
+        logits = _free_forward(tiny_model, pixels, 65, bias)
+        fewer = _free_forward(tiny_model, pixels, 20, bias)
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+    assert fewer.shape == expected.shape and not torch.allclose(fewer, expected)
+
+
+def test_the_unreduced_forward_is_timed_twice_a_round():
+    """The denominator of every speed-up is timed at a round's end and in its middle, and reported once (the mean
+    of its two times per round), so one slow call of it does not shift every row's speed-up."""
+    from rapid_hf.evaluation.latency_model import _timed_against_reference
+
+    now, calls = [0.0], []
+
+    def forward(name, seconds):
+        def run():
+            calls.append(name)
+            now[0] += seconds
+        return run
+
+    forwards = [forward("stock", 1.0), forward("a", 0.5), forward("b", 0.25), forward("c", 0.125)]
+    def reference():
+        now[0] += 0.01
+
+    raw, corrected, _ = _timed_against_reference(forwards, reference, 2, lambda: now[0], torch.device("cpu"), False,
+                                                 "test", twice=0)
+    assert len(raw) == len(corrected) == 4 and raw[0] == pytest.approx([1.0, 1.0])
+    assert raw[1:] == [pytest.approx([0.5] * 2), pytest.approx([0.25] * 2), pytest.approx([0.125] * 2)]
+    timed = calls[-5:]  # the last round (reversed order)
+    assert timed.count("stock") == 2 and timed[-1] == "stock" and timed[0] != "stock"

@@ -43,7 +43,7 @@ SPARSE = {  # schedules that reduce at a few layers only (calibrate --speedup se
     "tome every 3rd r=24": RapidConfig(method="tome", r=[24, 0, 0] * 4),
     "tome every 2nd from 1 r=20": RapidConfig(method="tome", r=[0, 20] * 6),
 }
-ROUNDS = {"model": {1: 15, 16: 8}, "validate": {1: 20, 16: 8}}
+ROUNDS = {"model": {1: 15, 16: 16}, "validate": {1: 20, 16: 16}}
 
 
 # Compiled and exported rows cost a compile or an export each: the benchmark grid's r values and two sparse rows.
@@ -58,9 +58,11 @@ def rows(runtime: str = "eager") -> list[tuple[str, RapidConfig]]:
     return grid + list(sparse.items())
 
 
-def rescore(result: dict, fit: str) -> dict:
-    """The same measurements with predictions of the cost model under `fit` (no new timing)."""
-    latency_model = LatencyModel.from_dict(result["latency_model"]).refit(fit)
+def rescore(result: dict, fit: str, anchors: bool = True) -> dict:
+    """The same measurements with predictions of the cost model under `fit` (no new timing); `anchors=False`:
+    with every method's steps as the pieces timed them (no anchor forwards)."""
+    saved = result["latency_model"] if anchors else {**result["latency_model"], "anchor_ms": {}}
+    latency_model = LatencyModel.from_dict(saved).refit(fit)
     stock = latency_model.predict_ms(RapidConfig(method="none"))
     records = []
     for record in result["records"]:
@@ -121,15 +123,20 @@ def main() -> None:
     parser.add_argument("--output", help="default: results.json (eager) or results_RUNTIME.json")
     parser.add_argument("--rescore", choices=["quadratic", "linear"],
                         help="no timing: recompute the predictions of --output's measurements under this fit")
+    parser.add_argument("--without-anchors", action="store_true",
+                        help="with --rescore: print the errors without the anchor forwards, write nothing")
     args = parser.parse_args()
+    if args.without_anchors and not args.rescore:
+        parser.error("--without-anchors only applies with --rescore")
     if args.output is None:
         args.output = str(HERE / ("results.json" if args.runtime == "eager" else f"results_{args.runtime}.json"))
     if args.rescore:
         output = Path(args.output)
         saved = json.loads(output.read_text())
-        saved["results"] = [rescore(result, args.rescore) for result in saved["results"]]
-        output.write_text(json.dumps(saved, indent=2) + "\n")
-        output.with_suffix(".md").write_text(markdown(saved["results"], saved["command"]))
+        saved["results"] = [rescore(result, args.rescore, not args.without_anchors) for result in saved["results"]]
+        if not args.without_anchors:
+            output.write_text(json.dumps(saved, indent=2) + "\n")
+            output.with_suffix(".md").write_text(markdown(saved["results"], saved["command"]))
         for result in saved["results"]:
             print(f"batch {result['machine']['batch_size']} repeat {result['repeat']} ({args.rescore}): MAE latency "
                   f"{result['mae']:.1%}, speed-up {result['mae_speedup']:.1%}")

@@ -6,23 +6,31 @@ A reduced forward is the embeddings, then per layer `l` the attention residual o
 output tokens `N_l`, then the final norm and head. `measure_latency_model` times each piece on the model's own
 modules, at the given batch size, thread count, device and runtime:
 
-- `layer(N)`: one layer called as the reduced forward calls it (through `__call__`, with a `LayerReduction` and no
-  step; every piece runs on four of the model's layers in turn and is divided by their number, so a layer's
-  weights are not in the nearest caches, as in a forward: timing one layer over and over kept them cached and
-  underpredicted reduced forwards by 5-11% at batch 1); the layers are chained (each on the previous one's
-  output, as in a forward: on one fixed input they ran 10-20% faster at batch 16), at every token count of a
-  grid, without and with proportional attention's size bias (the bias switches SDPA off its unmasked path);
-  `mlp(N)`: the MLP residual alone, so that a reducing layer costs `layer(N_in) - mlp(N_in) + mlp(N_out)`;
+- `layer(N)`: one layer inside a forward: the model's whole forward with every layer on the first `N` tokens
+  and no reduction step (embeddings, layers, head), timed as a whole in the runtime (compiled or exported as one
+  graph), less the embeddings and the head, divided by the number of layers; at every token count of a grid,
+  without and with proportional attention's size bias (the bias switches SDPA off its unmasked path). A layer
+  timed alone is not a layer in a forward: compiled or exported alone it is its own graph, and timed over and
+  over it keeps its weights in the nearest caches (DeiT-Tiny, eager, batch 1: reduced forwards predicted 5-11%
+  too fast);
+  `mlp(N)`: the MLP residual's share of a layer (measured on four of the model's layers, each on the same input),
+  so that a reducing layer costs `layer(N_in) - mlp(N_in) + mlp(N_out)`;
 - `step(kind, N)`: one reduction step (importance, plan, gather/merge) per kind of step, i.e. per operation of
   `rapid_hf.reduction.steps` (`prune_redundant`, `merge_important`, `prune_similar`, `merge_similar`,
   `merge_crucial`, `merge_energy`, `fuse_topk`) and, for merges, per merge mode (`+mlerp`), removing
-  `r = min(step_r, cap)` tokens. It is measured in context: the same layer called with the step, less the layer
-  without it on the same input (`layer(N) - mlp(N) + mlp(N - r)`); a step timed on its own on the same tensors
-  took a third to a quarter of that on DeiT-Tiny at batch 1 (warm caches and allocator), and underpredicted
-  forwards by ~14%;
-- `embed` and `head(N)` (final norm and classifier on N tokens), and the unreduced model's whole forward, whose
-  difference from the sum of its pieces is kept as `overhead_ms` (the backbone's own Python: settings, output
-  capture, the output object).
+  `r = min(step_r, cap)` tokens. It is measured in context: four layers called with the step, less the same
+  layers without it on the same input (`layer(N) - mlp(N) + mlp(N - r)`); a step timed on its own on the same
+  tensors took a third to a quarter of that on DeiT-Tiny at batch 1 (warm caches and allocator). Its level is
+  then set by an anchor: for every method whose kinds of step were all measured, one whole forward of its
+  default settings removing 5% of the input tokens per layer (`anchor_ms`); the method's steps are scaled
+  (`step_scale`, at least 0) so that the anchor's predicted steps add up to its measured time less the
+  predicted rest. Steps timed beside one layer are off by more than a factor of two in either direction: a
+  compiled step costs more inside the whole graph (DeiT-Tiny, batch 1: RAPID r=16's steps 1.07 ms predicted,
+  1.41 ms measured; ToMe's 0.36 against 1.10), while through ONNX Runtime at batch 16 the anchors put the steps
+  at a quarter of the pieces' time or less (speed-ups 9.7% off without anchors, 1.9% with);
+- `embed` and `head(N)` (final norm and classifier on N tokens), and the unreduced model's whole forward (timed
+  twice a round: it is the denominator of every speed-up), whose difference from the sum of its pieces is kept
+  as `overhead_ms` (the backbone's own Python: settings, output capture, the output object).
 
 Each curve is a least-squares quadratic in the token count through its grid points (`fit="quadratic"`, the
 default: attention grows with N^2, the rest with N, and one noisy point on a busy machine moves a fitted curve less
@@ -36,7 +44,8 @@ machine's slow and fast phases, which on the 2-core development machine moved a 
 a minute, do not land on some pieces only; medians over rounds. Then
 
     predicted_ms(config) = embed + overhead + head(N_L)
-                           + sum_l [ layer(N_{l-1}, bias_l) - mlp(N_{l-1}) + mlp(N_l) + step(kind_l, N_{l-1}) ]
+                           + sum_l [ layer(N_{l-1}, bias_l) - mlp(N_{l-1}) + mlp(N_l)
+                                     + step_scale(method) * step(kind_l, N_{l-1}) ]
 
 where `bias_l` says whether tokens have merged before layer `l` (proportional attention on) and `N_l`, `kind_l`
 follow `rapid_hf.reduction.steps.layer_steps` and `rapid_hf.reduction.schedule.token_counts`.
@@ -92,6 +101,8 @@ GRID_FRACTIONS: tuple[float, ...] = (1.0, 0.8, 0.62, 0.47, 0.35, 0.25, 0.17, 0.1
 # Fewer for the compiled and ONNX Runtime pieces: each is compiled or exported once per token count.
 COMPILED_GRID_FRACTIONS: tuple[float, ...] = (1.0, 0.75, 0.5, 0.3, 0.15, 0.06)
 DEFAULT_STEP_R = 16
+# The anchor forward of a method removes this fraction of the input tokens per layer (10 of DeiT's 197).
+ANCHOR_FRACTION = 0.05
 FITS: tuple[str, ...] = ("quadratic", "linear")
 TARGET_BLOCK_S = 0.004  # each piece is repeated within a round until it takes about this long
 
@@ -117,6 +128,15 @@ def method_step_kinds(method: str) -> tuple[str, ...]:
         if operation in MERGING_OPERATIONS:
             kinds.append(f"{operation}+mlerp")
     return tuple(kinds)
+
+
+def anchor_methods(kinds: Sequence[str]) -> tuple[str, ...]:
+    """The methods every step of whose default settings is among the measured `kinds`: those whose steps an
+    anchor forward can scale."""
+    measured = {kind.split("+", 1)[0] for kind in kinds}
+    methods = dict.fromkeys([*OPERATION_METHODS.values(), "tofu"])
+    return tuple(method for method in methods
+                 if {kind.split("+", 1)[0] for kind in method_step_kinds(method)} <= measured)
 
 
 def machine_description(runtime: str = "eager", device: str | torch.device = "cpu", threads: int | None = None,
@@ -188,6 +208,12 @@ class LatencyModel:
     scale: float = 1.0
     """Factor on the pieces when their unreduced sum exceeds the measured unreduced forward (a busier moment of a
     shared machine): the difference is then taken out in proportion, never as a negative overhead."""
+    anchor_ms: dict[str, float] = field(default_factory=dict)
+    """Measured whole forward of each anchored method at `anchor_r` (its default settings)."""
+    anchor_r: dict[str, int] = field(default_factory=dict)
+    step_scale: dict[str, float] = field(default_factory=dict)
+    """Per method, the factor that makes the predicted steps of its anchor forward add up to what that forward
+    spent on them (its measured time less the predicted rest); 1 for a method without an anchor."""
 
     def __post_init__(self) -> None:
         if self.fit not in FITS:
@@ -209,12 +235,18 @@ class LatencyModel:
     def refit(self, fit: str | None = None) -> LatencyModel:
         """A copy using `fit` (default: this one's) whose `overhead_ms` makes the unreduced prediction equal the
         measured unreduced forward (`stock_ms`)."""
-        copy = LatencyModel.from_dict({**self.to_dict(), "fit": fit or self.fit, "overhead_ms": 0.0, "scale": 1.0})
+        copy = LatencyModel.from_dict({**self.to_dict(), "fit": fit or self.fit, "overhead_ms": 0.0, "scale": 1.0,
+                                       "step_scale": {}})
         pieces = copy.predict_ms(RapidConfig(method="none"))
         if self.stock_ms >= pieces:
             copy.overhead_ms = self.stock_ms - pieces
         elif pieces > 0:
             copy.scale = self.stock_ms / pieces
+        for method, measured in self.anchor_ms.items():
+            parts = copy.breakdown(RapidConfig(method=method, r=self.anchor_r[method]))
+            steps = copy.scale * sum(parts["step_ms"])
+            if steps > 0:  # a step costs nothing or more, however noisy the anchor
+                copy.step_scale[method] = max((measured - parts["total_ms"] + steps) / steps, 0.0)
         return copy
 
     # --- pieces ---
@@ -242,13 +274,14 @@ class LatencyModel:
         schedule = [step.r if step.operation is not None else 0 for step in steps]
         counts = token_counts(self.num_tokens, schedule, self.num_protected)
         merged = False
+        step_scale = self.step_scale.get(config.method, 1.0)
         layers, step_times = [], []
         for step, n_in, n_out in zip(steps, [self.num_tokens, *counts[:-1]], counts, strict=True):
             bias = merged and config.prop_attn
             layers.append(self.layer_time(n_in, n_out, bias))
             removes = n_in > n_out
             kind = step_kind(step.operation, step.merge_mode) if step.operation is not None and removes else None
-            step_times.append(0.0 if kind is None else self.step_time(kind, n_in))
+            step_times.append(0.0 if kind is None else self.step_time(kind, n_in) * step_scale)
             if kind is not None:
                 merged = merged or self.sets_sizes.get(kind.split("+", 1)[0], True)
         head = self._value("head", self.head_ms, counts[-1] if counts else self.num_tokens)
@@ -327,10 +360,15 @@ def _layer_chain(layers: Sequence[Any], hidden: torch.Tensor, sizes: torch.Tenso
     return hidden
 
 
-def _mlp_chain(layers: Sequence[Any], hidden: torch.Tensor) -> torch.Tensor:
-    for layer in layers:
-        hidden = layer.mlp_residual(hidden)
-    return hidden
+def _free_forward(model: Any, pixel_values: torch.Tensor, tokens: int, bias: bool) -> Any:
+    """The model's embeddings, every layer on the first `tokens` tokens (with proportional attention's size bias
+    or not) and the head, with no reduction step: what a layer costs inside a forward of the runtime."""
+    backbone = model.rapid_backbone
+    hidden = backbone.embed(pixel_values, None, False)[:, :tokens]
+    ones = hidden.new_ones(*hidden.shape[:2], 1, dtype=torch.float32)
+    hidden = _layer_chain(backbone.reducing_layers, hidden, ones if bias else None, backbone.num_protected_tokens,
+                          backbone.importance_queries)
+    return _head_call(model, backbone, hidden, ones)
 
 
 def _head_call(model: Any, backbone: Any, hidden: torch.Tensor, sizes: torch.Tensor) -> Any:
@@ -460,11 +498,17 @@ def _reference_forward(model: Any, batch_size: int, device: torch.device) -> Cal
 
 def _timed_against_reference(forwards: Sequence[Callable[[], Any]], reference: Callable[[], Any], rounds: int,
                              clock: Callable[[], float], device: torch.device, progress: bool,
-                             description: str) -> tuple[list[list[float]], list[list[float]], float]:
+                             description: str, twice: int | None = None,
+                             ) -> tuple[list[list[float]], list[list[float]], float]:
     """Interleaved rounds as `_timed`, with `reference` timed between consecutive forwards. Returns the raw
     seconds per call, the drift-corrected ones (each divided by the mean of the reference times just before and
     after it, times the reference's median over the run: a busy machine's slow phases hit every piece alike) and
-    the reference's median seconds."""
+    the reference's median seconds. `twice`: the index of a forward timed a second time in the middle of each
+    round, its time the mean of the two (the unreduced forward: the denominator of every speed-up, whose noise
+    would otherwise enter every row alike)."""
+    middle = len(forwards) // 2 + 1
+    if twice is not None:
+        forwards = [*forwards[:middle], forwards[twice], *forwards[middle:]]
     numbers = _numbers(forwards, clock, device)
     reference_number = _numbers([reference], clock, device)[0]
 
@@ -490,6 +534,10 @@ def _timed_against_reference(forwards: Sequence[Callable[[], Any]], reference: C
     median_reference = statistics.median(references)
     corrected = [[value / around * median_reference for value, around in zip(row, arounds, strict=True)]
                  for row, arounds in zip(raw, local, strict=True)]
+    if twice is not None:
+        for rows in (raw, corrected):
+            again = rows.pop(middle)
+            rows[twice] = [(first + second) / 2 for first, second in zip(rows[twice], again, strict=True)]
     return raw, corrected, median_reference
 
 
@@ -577,10 +625,10 @@ def _measure(model: Any, batch_size: int, runtime: str, device: torch.device, ro
     for n in grid:
         hidden = hidden_full[:, :n].contiguous()
         ones = hidden.new_ones(batch_size, n, 1, dtype=torch.float32)
-        pieces[f"layer/{n}"] = functools.partial(_layer_chain, cycle, hidden, None, num_protected, queries)
-        pieces[f"layer_bias/{n}"] = functools.partial(_layer_chain, cycle, hidden, ones, num_protected, queries)
-        pieces[f"mlp/{n}"] = functools.partial(_mlp_chain, cycle, hidden)
-        # the same on one input each (what the step pieces run on, so that their difference is the step's)
+        pieces[f"free/{n}"] = functools.partial(_free_forward, model, pixel_values, n, False)
+        pieces[f"free_bias/{n}"] = functools.partial(_free_forward, model, pixel_values, n, True)
+        # a few layers on one input each: the MLP's share of a layer, and what the step pieces run on (so that
+        # their difference is the step's)
         pieces[f"solo_layer/{n}"] = functools.partial(_layer_call, cycle, hidden, None, num_protected, queries)
         pieces[f"solo_layer_bias/{n}"] = functools.partial(_layer_call, cycle, hidden, ones, num_protected, queries)
         pieces[f"solo_mlp/{n}"] = functools.partial(_mlp_call, cycle, hidden)
@@ -600,13 +648,18 @@ def _measure(model: Any, batch_size: int, runtime: str, device: torch.device, ro
             removed[kind, n] = r
             pieces[f"step/{kind}/{n}"] = functools.partial(_layer_call, cycle, hidden, sizes, num_protected, queries,
                                                           step)
+    anchors = {method: RapidConfig(method=method, r=max(1, round(ANCHOR_FRACTION * num_tokens)))
+               for method in anchor_methods(kinds)}
+    for method, rapid in anchors.items():
+        pieces[f"anchor/{method}"] = functools.partial(_whole_call, model, pixel_values, rapid)
     names = list(pieces)
     with _Runtime(runtime, model, device, graphs=len(names) + 16) as run:
         forwards = [run(pieces[name]) for name in tqdm(names, desc=f"preparing ({runtime})",
                                                        disable=not progress or runtime == "eager")]
         _, times, reference_s = _timed_against_reference(forwards, _reference_forward(model, batch_size, device),
-                                                         rounds, TIMERS[timer], device, progress, "cost model")
-    per_layer = {name: len(cycle) if name.startswith(("layer", "mlp", "step", "solo")) else 1 for name in names}
+                                                         rounds, TIMERS[timer], device, progress, "cost model",
+                                                         twice=names.index("stock"))
+    per_layer = {name: len(cycle) if name.startswith(("step", "solo")) else 1 for name in names}
     median = {name: statistics.median(values) * 1e3 / per_layer[name]
               for name, values in zip(names, times, strict=True)}
     spread = {name: _spread(values) for name, values in zip(names, times, strict=True)}
@@ -621,16 +674,25 @@ def _measure(model: Any, batch_size: int, runtime: str, device: torch.device, ro
         return [median[f"step/{kind}/{n}"] - median[f"solo_{bias}/{n}"] + median[f"solo_mlp/{n}"]
                 - _interpolate(grid, mlp, n - removed[kind, n]) for n in grid]
 
-    layer_ms = curve("layer")
+    def in_forward(prefix: str) -> list[float]:
+        """A layer inside a forward: the forward at a constant token count less its embeddings and head, per layer."""
+        return [(median[f"{prefix}/{n}"] - median["embed"] - median[f"head/{n}"]) / num_layers for n in grid]
+
     head_ms = curve("head")
+    layer_ms = in_forward("free")
+    # the MLP's share of a layer, as measured on the few layers, applied to the layer inside a forward
+    mlp_ms = [mlp / solo * layer for mlp, solo, layer in zip(curve("solo_mlp"), curve("solo_layer"), layer_ms,
+                                                               strict=True)]
     return LatencyModel(
         machine=machine_description(runtime, device, torch.get_num_threads(), batch_size),
         num_tokens=num_tokens, num_layers=num_layers, num_protected=num_protected, tokens=list(grid),
-        layer_ms=layer_ms, layer_bias_ms=curve("layer_bias"), mlp_ms=curve("mlp"), head_ms=head_ms,
+        layer_ms=layer_ms, layer_bias_ms=in_forward("free_bias"), mlp_ms=mlp_ms, head_ms=head_ms,
         step_ms={kind: step_curve(kind) for kind in kinds}, sets_sizes=sets_sizes,
         embed_ms=median["embed"], overhead_ms=0.0, stock_ms=median["stock"], step_r=step_r, rounds=rounds,
         timer=timer, spread={"largest": max(spread.values()), "stock": spread["stock"]}, fit=fit,
         reference_ms=reference_s * 1e3,
+        anchor_ms={method: median[f"anchor/{method}"] for method in anchors},
+        anchor_r={method: rapid.r for method, rapid in anchors.items()},
     ).refit()
 
 
@@ -663,10 +725,11 @@ def validate_latency_model(model: Any, latency_model: LatencyModel, configs: Seq
     """Measured whole-forward latency of each `(label, config)` (interleaved with the unreduced model, at the
     cost model's batch size, threads and runtime) beside its prediction: one record per config with `predicted_ms`,
     `measured_ms`, `error` (predicted / measured - 1), `predicted_speedup`, `measured_speedup` (median of the
-    per-round ratios to the unreduced model) and `speedup_error`; and `measured_ms_corrected` / `error_corrected`:
-    the measured latency brought to the machine speed of the cost model's measurement (the reference piece's
-    median then over its median now, each forward corrected for the drift around it), which takes out a shared
-    machine's slowing down or speeding up between the two measurements."""
+    per-round ratios to the unreduced model, which is timed twice a round) and `speedup_error`; and
+    `measured_ms_corrected` / `error_corrected`: the measured latency brought to the machine speed of the cost
+    model's measurement (the reference piece's median then over its median now, each forward corrected for the
+    drift around it), which takes out a shared machine's slowing down or speeding up between the two
+    measurements."""
     machine = latency_model.machine
     stock = RapidConfig(method="none")
     batch_size, threads, runtime = machine["batch_size"], machine["threads"], machine.get("runtime", "eager")
@@ -681,7 +744,7 @@ def validate_latency_model(model: Any, latency_model: LatencyModel, configs: Seq
             forwards = [run(functools.partial(_whole_call, model, pixel_values, rapid)) for _, rapid in rows]
             times, corrected, reference_s = _timed_against_reference(
                 forwards, _reference_forward(model, batch_size, device), rounds,
-                TIMERS[timer or latency_model.timer], device, progress, f"latency batch {batch_size}")
+                TIMERS[timer or latency_model.timer], device, progress, f"latency batch {batch_size}", twice=0)
     finally:
         torch.set_num_threads(original_threads)
     scale = latency_model.reference_ms / (reference_s * 1e3) if latency_model.reference_ms else 1.0
