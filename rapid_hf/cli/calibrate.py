@@ -14,7 +14,7 @@ calibration.json.
         --speed-batch-size 1 --threads 1 --output calibrated/deit-tiny-1.6x
 
 Instead of r, --speedup (or --latency-ms) asks for a speed on this machine: the cost model of
-`rapid_hf.evaluation.latency_model` is measured first (eager, --speed-batch-size, --threads), then
+`rapid_hf.evaluation.latency_model` is measured first (in --runtime, at --speed-batch-size, --threads), then
 `rapid_hf.calibration.speed` searches where and how much to reduce (per-layer r, including every 2nd-4th layer
 only) with the knobs, for the lowest KL whose predicted speed-up reaches the target; the saved model is then
 timed against the unreduced one and config.json records the target, the machine and the measured speed-up under
