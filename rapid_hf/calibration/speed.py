@@ -208,7 +208,7 @@ def speed_calibrate(
         statistics = layer_statistics(model, pixel_values, rapid.prune_threshold, batch_size)
         resolved_auto = auto_switch_layer(statistics.redundant_fraction, min_redundant_fraction)
         rapid = rapid.replace(switch_layer=resolved_auto)
-    base = rapid.replace(r=0, output_tokens=None, reduce_every=1)  # the patterns say where to reduce
+    base = rapid.replace(r=0, output_tokens=None)  # the knobs alone: `on_pattern` says where and how much
 
     reference = predict_logits(model, pixel_values, RapidConfig(method="none"), batch_size)
     scored: dict[str, Fidelity] = {}

@@ -81,7 +81,7 @@ from tqdm.auto import tqdm
 
 from rapid_hf.evaluation.throughput import TIMERS, interleaved_times, quiet, time_forward
 from rapid_hf.models.layers import LayerReduction
-from rapid_hf.reduction.config import RapidConfig
+from rapid_hf.reduction.config import METHODS, RapidConfig
 from rapid_hf.reduction.matching import removal_cap
 from rapid_hf.reduction.schedule import token_counts
 from rapid_hf.reduction.steps import LayerStep, layer_steps
@@ -91,6 +91,8 @@ OPERATIONS: tuple[str, ...] = (
     "prune_redundant", "merge_important", "prune_similar", "merge_similar", "merge_crucial", "merge_energy", "fuse_topk"
 )
 MERGING_OPERATIONS: frozenset[str] = frozenset({"merge_important", "merge_similar", "merge_crucial", "merge_energy"})
+# The operations whose step pieces run on tokens with sizes (proportional attention's bias on), as after a merge.
+SIZED_OPERATIONS: frozenset[str] = MERGING_OPERATIONS | {"fuse_topk"}
 # The method whose settings a step of each operation is measured with (its knobs at their defaults).
 OPERATION_METHODS: dict[str, str] = {
     "prune_redundant": "rapid", "merge_important": "rapid", "prune_similar": "tofu", "merge_similar": "tome",
@@ -110,6 +112,11 @@ TARGET_BLOCK_S = 0.004  # each piece is repeated within a round until it takes a
 def step_kind(operation: str, merge_mode: str) -> str:
     """The cost-model key of a step: its operation, with `+mlerp` for merges that use MLERP."""
     return f"{operation}+mlerp" if operation in MERGING_OPERATIONS and merge_mode == "mlerp" else operation
+
+
+def step_operation(kind: str) -> str:
+    """The operation of a cost-model step key (`step_kind`'s inverse, merge mode dropped)."""
+    return kind.split("+", 1)[0]
 
 
 def default_step_kinds() -> tuple[str, ...]:
@@ -133,10 +140,9 @@ def method_step_kinds(method: str) -> tuple[str, ...]:
 def anchor_methods(kinds: Sequence[str]) -> tuple[str, ...]:
     """The methods every step of whose default settings is among the measured `kinds`: those whose steps an
     anchor forward can scale."""
-    measured = {kind.split("+", 1)[0] for kind in kinds}
-    methods = dict.fromkeys([*OPERATION_METHODS.values(), "tofu"])
-    return tuple(method for method in methods
-                 if {kind.split("+", 1)[0] for kind in method_step_kinds(method)} <= measured)
+    measured = {step_operation(kind) for kind in kinds}
+    return tuple(method for method in METHODS if method != "none"
+                 and {step_operation(kind) for kind in method_step_kinds(method)} <= measured)
 
 
 def machine_description(runtime: str = "eager", device: str | torch.device = "cpu", threads: int | None = None,
@@ -260,7 +266,7 @@ class LatencyModel:
     def step_time(self, kind: str, n: int) -> float:
         """One reduction step of `kind` on `n` input tokens (an unmeasured `+mlerp` kind falls back to its op)."""
         if kind not in self.step_ms:
-            base = kind.split("+", 1)[0]
+            base = step_operation(kind)
             if base not in self.step_ms:
                 raise KeyError(f"step {kind!r} was not measured; measured: {sorted(self.step_ms)}")
             kind = base
@@ -283,7 +289,7 @@ class LatencyModel:
             kind = step_kind(step.operation, step.merge_mode) if step.operation is not None and removes else None
             step_times.append(0.0 if kind is None else self.step_time(kind, n_in) * step_scale)
             if kind is not None:
-                merged = merged or self.sets_sizes.get(kind.split("+", 1)[0], True)
+                merged = merged or self.sets_sizes.get(step_operation(kind), True)
         head = self._value("head", self.head_ms, counts[-1] if counts else self.num_tokens)
         total = self.scale * (self.embed_ms + head + sum(layers) + sum(step_times)) + self.overhead_ms
         return {"embed_ms": self.embed_ms, "overhead_ms": self.overhead_ms, "head_ms": head, "layer_ms": layers,
@@ -573,7 +579,7 @@ def measure_latency_model(
     if batch_size < 1 or rounds < 1 or step_r < 1:
         raise ValueError(f"batch_size, rounds and step_r must be >= 1, got {batch_size}, {rounds}, {step_r}")
     kinds = tuple(default_step_kinds() if step_kinds is None else step_kinds)
-    unknown = sorted({kind.split("+", 1)[0] for kind in kinds} - set(OPERATIONS))
+    unknown = sorted({step_operation(kind) for kind in kinds} - set(OPERATIONS))
     if unknown:
         raise ValueError(f"unknown step kind(s) {unknown}: choose from {', '.join(OPERATIONS)} (merges with +mlerp)")
     device = torch.device(device)
@@ -639,7 +645,7 @@ def _measure(model: Any, batch_size: int, runtime: str, device: torch.device, ro
             method = OPERATION_METHODS[operation]
             settings = RapidConfig(method=method, r=r, merge_mode=mode or "mean")
             step = LayerStep(operation=operation, r=r, settings=settings, layer=num_layers // 2, num_layers=num_layers)
-            sizes = ones if operation in MERGING_OPERATIONS or operation == "fuse_topk" else None
+            sizes = ones if operation in SIZED_OPERATIONS else None
             if r > 0 and operation not in sets_sizes:
                 probe = LayerReduction(step=step, sizes=None, num_protected=num_protected, prop_attn=True,
                                        importance_queries=queries)
@@ -669,7 +675,7 @@ def _measure(model: Any, batch_size: int, runtime: str, device: torch.device, ro
 
     def step_curve(kind: str) -> list[float]:
         """The layer with the step, less the same layer without it (attention on n, MLP on n - r)."""
-        bias = "layer_bias" if kind.split("+", 1)[0] in MERGING_OPERATIONS or kind == "fuse_topk" else "layer"
+        bias = "layer_bias" if step_operation(kind) in SIZED_OPERATIONS else "layer"
         mlp = curve("solo_mlp")
         return [median[f"step/{kind}/{n}"] - median[f"solo_{bias}/{n}"] + median[f"solo_mlp/{n}"]
                 - _interpolate(grid, mlp, n - removed[kind, n]) for n in grid]
@@ -787,6 +793,7 @@ __all__ = [
     "median_absolute_error",
     "method_step_kinds",
     "step_kind",
+    "step_operation",
     "token_grid",
     "validate_latency_model",
 ]
